@@ -1,0 +1,252 @@
+//! The one error type of the library, and the one place where an error becomes an
+//! HTTP status (PROTOCOL.md's answer tables).
+//!
+//! Invariants: every variant carries the context an operator needs (the file, the
+//! key, the label, the phase), and none carries a secret: no TOTP secret, token or
+//! key material is ever put in an error, so any error may be logged or printed.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything that can go wrong in taas, from a config typo to a peer's garbage.
+#[derive(Debug)]
+pub enum Error {
+    /// The configuration file could not be read or is not valid TOML.
+    ConfigRead {
+        /// The file that was read.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A configuration key is unknown or has a bad value.
+    ConfigValue {
+        /// The file the key came from ("built-in defaults" when there is none).
+        source: String,
+        /// The key.
+        key: String,
+        /// Why the value is refused.
+        reason: String,
+    },
+    /// A file could not be read, written or created.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What was being done ("read", "write", "rename", …).
+        action: &'static str,
+        /// The underlying error.
+        err: io::Error,
+    },
+    /// A file's content is not what it should be (bad JSON, bad PEM, bad mode).
+    FileContent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A LABEL is not one DNS label (PROTOCOL.md section 5).
+    BadLabel(String),
+    /// A label is already owned by another account.
+    LabelTaken {
+        /// The label.
+        label: String,
+        /// The account that owns it.
+        owner: String,
+    },
+    /// An account ID (UUID) is malformed.
+    BadId(String),
+    /// No account with this ID.
+    NoSuchAccount(String),
+    /// An account with this ID exists already.
+    AccountExists(String),
+    /// An account record is unusable (bad base32, unsupported algorithm, …).
+    BadAccount {
+        /// The account.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The account store (Redis, or the file store's file system) is unreachable.
+    StoreUnavailable(String),
+    /// A request head is malformed; the text says how.
+    BadRequest(String),
+    /// A request head is larger than the limit.
+    HeadTooLarge(usize),
+    /// A request names a path that does not exist.
+    NotFound,
+    /// A method not allowed on a path; the value is the one allowed.
+    MethodNotAllowed(&'static str),
+    /// No `Authorization` header.
+    AuthMissing,
+    /// Unknown ID or wrong token (never says which, to the peer).
+    AuthFailed,
+    /// The ID does not own the label.
+    Forbidden {
+        /// The account.
+        id: String,
+        /// The label it asked for.
+        label: String,
+    },
+    /// Too many failed attempts; retry after this long.
+    Throttled(Duration),
+    /// The `Host` is neither the registrar nor under `servers_domain`.
+    MisdirectedHost(String),
+    /// The label is valid but has no waiting responder.
+    NoResponder(String),
+    /// No free port in `port_range`.
+    NoFreePort,
+    /// Registrations go elsewhere; the value is the `Location`.
+    Redirect(String),
+    /// A deadline passed in the named phase (handshake, head, plug, pair_wait).
+    Timeout(&'static str),
+    /// A limit was hit; the text names it.
+    Limit(&'static str),
+    /// TLS set-up or handshake failed.
+    Tls(String),
+    /// Network I/O failed in the named phase.
+    Io {
+        /// What was being done.
+        phase: &'static str,
+        /// The underlying error.
+        err: io::Error,
+    },
+    /// Anything a command-line user did wrong that is not covered above.
+    Usage(String),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The HTTP status for this error, per the answer tables of PROTOCOL.md.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::BadRequest(_) | Error::BadLabel(_) | Error::BadId(_) => 400,
+            Error::AuthMissing | Error::AuthFailed => 401,
+            Error::Forbidden { .. } => 403,
+            Error::NotFound | Error::NoSuchAccount(_) => 404,
+            Error::MethodNotAllowed(_) => 405,
+            Error::Timeout(_) => 408,
+            Error::LabelTaken { .. } | Error::AccountExists(_) => 409,
+            Error::HeadTooLarge(_) => 431,
+            Error::MisdirectedHost(_) => 421,
+            Error::Throttled(_) => 429,
+            Error::Redirect(_) => 307,
+            Error::StoreUnavailable(_)
+            | Error::NoFreePort
+            | Error::NoResponder(_)
+            | Error::Limit(_) => 503,
+            _ => 500,
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, for the statuses that carry one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Error::Throttled(d) => Some(d.as_secs().max(1)),
+            Error::StoreUnavailable(_) | Error::Limit(_) => Some(5),
+            Error::NoFreePort | Error::NoResponder(_) => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Wraps an I/O error of a socket, turning `WouldBlock` (what a read timeout
+    /// reports on Unix) into the `Timeout` of the named phase.
+    pub fn io(phase: &'static str, err: io::Error) -> Error {
+        match err.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(phase),
+            _ => Error::Io { phase, err },
+        }
+    }
+
+    /// Wraps an I/O error on a file.
+    pub fn file(path: impl Into<PathBuf>, action: &'static str, err: io::Error) -> Error {
+        Error::File {
+            path: path.into(),
+            action,
+            err,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ConfigRead { path, reason } => {
+                write!(f, "config {}: {reason}", path.display())
+            }
+            Error::ConfigValue {
+                source,
+                key,
+                reason,
+            } => write!(f, "config {source}: key `{key}`: {reason}"),
+            Error::File { path, action, err } => {
+                write!(f, "cannot {action} {}: {err}", path.display())
+            }
+            Error::FileContent { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::BadLabel(label) => write!(
+                f,
+                "bad label {label:?}: a label is 1 to 63 of a-z 0-9 -, not starting or ending with -"
+            ),
+            Error::LabelTaken { label, owner } => {
+                write!(f, "label {label:?} is already owned by account {owner}")
+            }
+            Error::BadId(id) => write!(f, "bad account ID {id:?}: expected a UUID"),
+            Error::NoSuchAccount(id) => write!(f, "no account {id}"),
+            Error::AccountExists(id) => write!(f, "account {id} exists already"),
+            Error::BadAccount { id, reason } => write!(f, "account {id}: {reason}"),
+            Error::StoreUnavailable(why) => write!(f, "account store unreachable: {why}"),
+            Error::BadRequest(why) => write!(f, "bad request: {why}"),
+            Error::HeadTooLarge(limit) => write!(f, "request head larger than {limit} bytes"),
+            Error::NotFound => write!(f, "no such path"),
+            Error::MethodNotAllowed(allow) => write!(f, "method not allowed; use {allow}"),
+            Error::AuthMissing => write!(f, "no Authorization header"),
+            Error::AuthFailed => write!(f, "unknown ID or wrong token"),
+            Error::Forbidden { id, label } => write!(f, "{id} does not own label {label}"),
+            Error::Throttled(d) => {
+                write!(f, "too many failed attempts; retry in {} s", d.as_secs())
+            }
+            Error::MisdirectedHost(host) => write!(f, "host {host:?} is not served here"),
+            Error::NoResponder(label) => write!(f, "no responder waiting for {label}"),
+            Error::NoFreePort => write!(f, "no free port in port_range"),
+            Error::Redirect(to) => write!(f, "redirected to {to}"),
+            Error::Timeout(phase) => write!(f, "{phase} timed out"),
+            Error::Limit(which) => write!(f, "limit reached: {which}"),
+            Error::Tls(why) => write!(f, "TLS: {why}"),
+            Error::Io { phase, err } => write!(f, "{phase}: {err}"),
+            Error::Usage(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_protocol_tables() {
+        assert_eq!(Error::AuthMissing.status(), 401);
+        assert_eq!(Error::AuthFailed.status(), 401);
+        let forbidden = Error::Forbidden {
+            id: "a".into(),
+            label: "b".into(),
+        };
+        assert_eq!(forbidden.status(), 403);
+        assert_eq!(Error::Throttled(Duration::from_secs(6)).status(), 429);
+        assert_eq!(Error::MisdirectedHost("x".into()).status(), 421);
+        assert_eq!(Error::NoResponder("x".into()).status(), 503);
+        assert_eq!(Error::NoFreePort.status(), 503);
+        assert_eq!(Error::StoreUnavailable("x".into()).status(), 503);
+        assert_eq!(Error::MethodNotAllowed("PUT").status(), 405);
+        assert_eq!(Error::Redirect("https://x/".into()).status(), 307);
+    }
+
+    #[test]
+    fn would_block_is_a_named_timeout() {
+        let e = Error::io("head", io::Error::from(io::ErrorKind::WouldBlock));
+        assert_eq!(e.to_string(), "head timed out");
+    }
+}

@@ -1,0 +1,116 @@
+//! Logging: `log` + `env_logger`, to stderr (journald adds its own time) and, when
+//! `log_file` is set, appended to that file with a UTC timestamp. `reopen` is what
+//! SIGHUP calls after logrotate moved the file.
+//!
+//! Invariant: nothing here formats a secret; callers never pass one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The log file, when one is configured: its path and the open handle.
+static LOG_FILE: OnceLock<(PathBuf, Mutex<File>)> = OnceLock::new();
+
+/// Installs the logger; `RUST_LOG` overrides the default level `info`.
+pub fn init(log_file: Option<&Path>) -> crate::Result<()> {
+    if let Some(path) = log_file {
+        let file = open(path)?;
+        let _ = LOG_FILE.set((path.to_path_buf(), Mutex::new(file)));
+    }
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    builder
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                timestamp(SystemTime::now()),
+                record.level(),
+                record.args()
+            )
+        })
+        .target(env_logger::Target::Pipe(Box::new(Tee)));
+    // A second init (tests) keeps the first logger.
+    let _ = builder.try_init();
+    Ok(())
+}
+
+/// Re-opens the log file (SIGHUP after rotation). A failure is logged and the old
+/// handle kept, so no line is lost for want of a file.
+pub fn reopen() {
+    if let Some((path, file)) = LOG_FILE.get() {
+        match open(path) {
+            Ok(new) => *file.lock().unwrap_or_else(|p| p.into_inner()) = new,
+            Err(e) => log::error!("log file not reopened: {e}"),
+        }
+    }
+}
+
+fn open(path: &Path) -> crate::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| crate::Error::file(path, "open log file", e))
+}
+
+/// Writes each log line to stderr and to the log file.
+struct Tee;
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some((_, file)) = LOG_FILE.get() {
+            let _ = file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_all(buf);
+        }
+        io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339, UTC), without a date crate: days to
+/// civil date by Howard Hinnant's algorithm.
+pub fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789);
+        assert_eq!(timestamp(t), "2024-02-29T12:34:56.789Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_102_444_800);
+        assert_eq!(timestamp(t), "2100-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,205 @@
+//! The `taas` command: the only place that knows the CLI. argh flags and the TOML
+//! file become one validated `Config`; each subcommand calls the library. Errors
+//! end here as one line on stderr and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use argh::FromArgs;
+use taas::store::{Account, Store};
+use taas::{Config, Error, Result};
+
+/// taas: reach servers hidden behind NAT through this relay (TAAS protocol).
+#[derive(FromArgs)]
+struct Cli {
+    /// print the version and the git revision it was built from
+    #[argh(switch)]
+    version: bool,
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Serve(Serve),
+    Users(Users),
+    Cert(CertCmd),
+    Token(Token),
+}
+
+/// run the relay: registrar, rendezvous ports and relay
+#[derive(FromArgs)]
+#[argh(subcommand, name = "serve")]
+struct Serve {
+    /// config file (default ./taas.toml when it exists, else built-in defaults)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// manage hidden-server accounts
+#[derive(FromArgs)]
+#[argh(subcommand, name = "users")]
+struct Users {
+    #[argh(subcommand)]
+    command: UsersCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum UsersCommand {
+    Add(UsersAdd),
+    List(UsersList),
+    Remove(UsersRemove),
+}
+
+/// create an account and write its provisioning files ID.json and ID.js
+#[derive(FromArgs)]
+#[argh(subcommand, name = "add")]
+struct UsersAdd {
+    /// the label the account may register
+    #[argh(positional)]
+    label: String,
+    /// use this UUID instead of a new one
+    #[argh(option)]
+    id: Option<String>,
+    /// where to write the provisioning files (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    out: PathBuf,
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// list accounts: ID and labels, one a line
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct UsersList {
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// delete an account
+#[derive(FromArgs)]
+#[argh(subcommand, name = "remove")]
+struct UsersRemove {
+    /// the account ID
+    #[argh(positional)]
+    id: String,
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// write a self-signed key (0400) and certificate (0444) for the relay
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cert")]
+struct CertCmd {
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// print the current TOTP token of a provisioning file
+#[derive(FromArgs)]
+#[argh(subcommand, name = "token")]
+struct Token {
+    /// the provisioning file (ID.json or legacy ID.js)
+    #[argh(positional)]
+    provision: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = argh::from_env();
+    match try_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taas: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main(cli: Cli) -> Result<()> {
+    if cli.version {
+        println!("taas {}", taas::version());
+        return Ok(());
+    }
+    let Some(command) = cli.command else {
+        return Err(Error::Usage(
+            "no command; try `taas serve` or `taas --help`".into(),
+        ));
+    };
+    match command {
+        Command::Serve(a) => {
+            let config = Config::load(a.config.as_deref())?;
+            taas::logging::init(config.log_file.as_deref())?;
+            taas::server::run(config)
+        }
+        Command::Users(u) => match u.command {
+            UsersCommand::Add(a) => users_add(&a),
+            UsersCommand::List(a) => {
+                let store = open_store(a.config.as_deref())?.1;
+                for account in store.list()? {
+                    println!("{} {}", account.uuid, account.labels.join(","));
+                }
+                Ok(())
+            }
+            UsersCommand::Remove(a) => {
+                open_store(a.config.as_deref())?.1.remove(&a.id)?;
+                eprintln!("removed account {}", a.id);
+                Ok(())
+            }
+        },
+        Command::Cert(a) => {
+            let config = Config::load(a.config.as_deref())?;
+            taas::cert::write_new(&config)?;
+            println!("{}", config.cert.display());
+            eprintln!(
+                "wrote {} (0444) and {} (0400) for {}",
+                config.cert.display(),
+                config.key.display(),
+                taas::cert::subject_alt_names(&config).join(", ")
+            );
+            Ok(())
+        }
+        Command::Token(a) => {
+            let p = taas::provision::Provision::load(&a.provision)?;
+            println!("{}", p.totp()?.generate(taas::unix_time()));
+            Ok(())
+        }
+    }
+}
+
+fn open_store(path: Option<&Path>) -> Result<(Config, Store)> {
+    let config = Config::load(path)?;
+    let store = Store::open(&config.store)?;
+    Ok((config, store))
+}
+
+fn users_add(a: &UsersAdd) -> Result<()> {
+    let (config, store) = open_store(a.config.as_deref())?;
+    // The provisioning file carries the relay's certificate: make it now when the
+    // defaults are in use, as `taas serve` would on first start.
+    taas::cert::ensure_default(&config)?;
+    let account = Account::new(a.id.as_deref(), std::slice::from_ref(&a.label))?;
+    let provision = taas::provision::Provision::new(&account, &config)?;
+    store.insert(&account)?;
+    let (json, js) = match provision.write(&a.out) {
+        Ok(paths) => paths,
+        Err(e) => {
+            // No account without its files: the secret would be lost.
+            let _ = store.remove(&account.uuid);
+            return Err(e);
+        }
+    };
+    println!("{}", json.display());
+    eprintln!(
+        "account {} owns {}; also wrote {} (both 0600: they hold the secret)",
+        account.uuid,
+        account.labels.join(","),
+        js.display()
+    );
+    Ok(())
+}

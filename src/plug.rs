@@ -1,0 +1,96 @@
+//! The plug (PROTOCOL.md section 1): after a 200, a port that accepts exactly one
+//! TCP connection — by default only from the registering address — within
+//! `plug_timeout`, then stops listening. The connection joins the label's pool.
+//!
+//! Invariants: the plug's thread lives only until its one connection or its
+//! deadline (it polls a non-blocking listener, at first every millisecond, backing
+//! off to `MAX_TICK`), so no thread outlives a registration; a connection from
+//! another address is closed at once and logged, and the plug keeps waiting.
+
+use std::io;
+use std::net::{IpAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::pool::{self, Label, Responder};
+use crate::server::{Shared, spawn};
+
+/// Longest sleep between two polls of a plug (a hidden server connects within
+/// milliseconds of its 200; this bounds the wake-ups of a slow one).
+pub const MAX_TICK: Duration = Duration::from_millis(50);
+/// Stack of a plug thread.
+pub const PLUG_STACK: usize = 64 * 1024;
+
+/// Opens a plug for `label` and returns its port.
+pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Result<u16> {
+    let listener = shared.bind_free_port()?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::io("plug bind", e))?
+        .port();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("plug bind", e))?;
+    let s = shared.clone();
+    spawn("plug", PLUG_STACK, move || {
+        wait(&s, &label, &listener, port, registrant)
+    })?;
+    Ok(port)
+}
+
+fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, registrant: IpAddr) {
+    let deadline = Instant::now() + shared.config.plug_timeout;
+    let mut tick = Duration::from_millis(1);
+    while !shared.stopping() {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if shared.config.plug_same_ip && peer.ip() != registrant {
+                    log::warn!(
+                        "plug {port} for {}: refused {peer}, registered from {registrant}",
+                        label.name
+                    );
+                    shared.metrics.refused("plug_same_ip");
+                    continue;
+                }
+                if let Err(e) = stream
+                    .set_nonblocking(false)
+                    .and_then(|()| pool::set_keepalive(&stream))
+                {
+                    log::warn!("plug {port} for {}: {peer}: {e}", label.name);
+                    return;
+                }
+                if let Some(old) = label.push(Responder { stream, peer }) {
+                    log::info!("{}: pool full, closed oldest responder {old}", label.name);
+                }
+                log::info!(
+                    "plug {port} for {}: responder {peer} waiting ({} in pool)",
+                    label.name,
+                    label.waiting()
+                );
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    log::warn!(
+                        "plug {port} for {}: no connection within plug_timeout ({} s)",
+                        label.name,
+                        shared.config.plug_timeout.as_secs_f64()
+                    );
+                    shared.metrics.refused("plug_timeout");
+                    return;
+                }
+                std::thread::sleep(tick.min(left));
+                tick = (tick * 2).min(MAX_TICK);
+            }
+            Err(e) => {
+                log::warn!("plug {port} for {}: accept: {e}", label.name);
+                std::thread::sleep(MAX_TICK);
+                if Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Per-label state (PROTOCOL.md sections 1 to 3): the pool of waiting responders,
+//! the label's rendezvous port, the last 307s given out and the pairing records.
+//!
+//! Invariants:
+//! - a pool holds at most `max_waiting` responders; a newcomer at a full pool
+//!   evicts the oldest; order is first in, first paired;
+//! - a responder whose peer closed or reset is never handed out: `take` and `prune`
+//!   peek without consuming (early octets of an `--eager` agent stay for the mobile
+//!   client) and drop the dead;
+//! - no thread sits on a waiting responder: it is a socket in a channel;
+//! - pairing records are the last `MAX_PAIRINGS`; remembered 307s the last
+//!   `MAX_REDIRECTS`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use serde::Serialize;
+
+use crate::rendezvous::Rendezvous;
+
+/// Pairing records kept per label (PROTOCOL.md section 3).
+pub const MAX_PAIRINGS: usize = 100;
+/// 307s remembered per label, to give a pairing the path that led to it.
+pub const MAX_REDIRECTS: usize = 64;
+/// How long a 307's path is remembered for its connection to arrive.
+pub const REDIRECT_MEMORY: Duration = Duration::from_secs(30);
+/// Keepalive on waiting responders: first probe after this much silence…
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// …then one probe every this long…
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// …and the peer is dead after this many unanswered (about 30 s in all).
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// A hidden server's connection, waiting in a pool.
+pub struct Responder {
+    /// The socket accepted on the plug.
+    pub stream: TcpStream,
+    /// The hidden server's address.
+    pub peer: SocketAddr,
+}
+
+impl Responder {
+    /// Is the peer still there? A non-blocking peek: EOF or an error means no;
+    /// no data (`WouldBlock`) or early data means yes. Nothing is consumed.
+    pub fn is_alive(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let alive = match self.stream.peek(&mut [0u8; 1]) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        alive && self.stream.set_nonblocking(false).is_ok()
+    }
+}
+
+/// Turns on TCP keepalive with the short intervals above, so a peer that vanished
+/// without a FIN is found dead.
+pub fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+}
+
+/// One pairing, as `GET /pairings/LABEL` returns it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pairing {
+    /// "IP PORT" of the hidden server side.
+    pub responder: String,
+    /// "IP PORT" of the mobile side.
+    pub initiator: String,
+    /// Path of the request that got the 307; empty for a direct connection.
+    pub pathname: String,
+    /// Milliseconds since the epoch.
+    pub timestamp: u64,
+}
+
+/// Everything the relay keeps for one label.
+pub struct Label {
+    /// The label, lower case.
+    pub name: String,
+    /// Sending end of the pool (plugs put responders in).
+    tx: Sender<Responder>,
+    /// Receiving end of the pool (rendezvous takes them out, oldest first).
+    rx: Receiver<Responder>,
+    /// Serialises pushes and prunes so eviction keeps FIFO order.
+    push_lock: Mutex<()>,
+    /// The rendezvous port, while open.
+    pub rendezvous: Mutex<Option<Arc<Rendezvous>>>,
+    /// Recent 307s: mobile address, path with query, when.
+    redirects: Mutex<VecDeque<(IpAddr, String, Instant)>>,
+    /// The last `MAX_PAIRINGS` pairings, oldest first.
+    pairings: Mutex<VecDeque<Pairing>>,
+}
+
+impl Label {
+    /// A label with an empty pool of capacity `max_waiting`.
+    pub fn new(name: &str, max_waiting: usize) -> Label {
+        let (tx, rx) = bounded(max_waiting);
+        Label {
+            name: name.to_string(),
+            tx,
+            rx,
+            push_lock: Mutex::new(()),
+            rendezvous: Mutex::new(None),
+            redirects: Mutex::new(VecDeque::new()),
+            pairings: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Adds a responder; at a full pool the oldest is closed to make room.
+    /// Returns the evicted responder's peer, if any.
+    pub fn push(&self, responder: Responder) -> Option<SocketAddr> {
+        let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut evicted = None;
+        let mut item = responder;
+        // Two rounds suffice: only this lock's holder adds, so after one eviction
+        // there is room unless the capacity is zero (never: max_waiting >= 1).
+        for _ in 0..2 {
+            match self.tx.try_send(item) {
+                Ok(()) => return evicted,
+                Err(TrySendError::Full(back)) => {
+                    item = back;
+                    if let Ok(old) = self.rx.try_recv() {
+                        evicted = Some(old.peer);
+                    }
+                }
+                Err(TrySendError::Disconnected(_)) => return evicted,
+            }
+        }
+        evicted
+    }
+
+    /// The oldest live responder, waiting up to `wait` for one to arrive. Dead
+    /// ones met on the way are dropped.
+    pub fn take(&self, wait: Duration) -> Option<Responder> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(r) if r.is_alive() => return Some(r),
+                Ok(r) => log::info!("{}: dropped dead responder {}", self.name, r.peer),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Drops dead responders, keeping the order of the live; returns how many wait.
+    pub fn prune(&self) -> usize {
+        let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let live: Vec<Responder> = self.rx.try_iter().filter(Responder::is_alive).collect();
+        let n = live.len();
+        for r in live {
+            // Room is certain: these were just taken out and pushes are locked out.
+            let _ = self.tx.try_send(r);
+        }
+        n
+    }
+
+    /// Responders waiting now (dead ones included until pruned).
+    pub fn waiting(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Closes every waiting responder (shutdown).
+    pub fn clear(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    /// Remembers that `mobile` was sent to the rendezvous port for `path`.
+    pub fn remember_redirect(&self, mobile: IpAddr, path: &str) {
+        let mut q = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_REDIRECTS {
+            q.pop_front();
+        }
+        q.push_back((mobile, path.to_string(), Instant::now()));
+    }
+
+    /// The path of the oldest recent 307 given to `mobile`, or "" (a direct
+    /// connection to the rendezvous port).
+    pub fn redirect_path(&self, mobile: IpAddr) -> String {
+        let mut q = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|(_, _, at)| at.elapsed() < REDIRECT_MEMORY);
+        match q.iter().position(|(ip, _, _)| *ip == mobile) {
+            Some(i) => q.remove(i).map(|(_, path, _)| path).unwrap_or_default(),
+            None => String::new(),
+        }
+    }
+
+    /// Adds a pairing record, keeping the last `MAX_PAIRINGS`.
+    pub fn record(&self, p: Pairing) {
+        let mut q = self.pairings.lock().unwrap_or_else(|p| p.into_inner());
+        while q.len() >= MAX_PAIRINGS {
+            q.pop_front();
+        }
+        q.push_back(p);
+    }
+
+    /// The pairing records, oldest first.
+    pub fn pairings(&self) -> Vec<Pairing> {
+        let q = self.pairings.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().cloned().collect()
+    }
+}
+
+/// All labels the relay has seen a registration for (so bounded by the accounts).
+pub struct Labels {
+    /// Label name to its state.
+    map: Mutex<HashMap<String, Arc<Label>>>,
+    /// Pool capacity for new labels.
+    max_waiting: usize,
+}
+
+impl Labels {
+    /// An empty table.
+    pub fn new(max_waiting: usize) -> Labels {
+        Labels {
+            map: Mutex::new(HashMap::new()),
+            max_waiting,
+        }
+    }
+
+    /// The label's state, created on first use (registrations only: the caller
+    /// has authenticated an owner of `name`).
+    pub fn get_or_create(&self, name: &str) -> Arc<Label> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Label::new(name, self.max_waiting)))
+            .clone()
+    }
+
+    /// The label's state if a registration ever created it.
+    pub fn get(&self, name: &str) -> Option<Arc<Label>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// Every label's state.
+    pub fn all(&self) -> Vec<Arc<Label>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// "IP PORT", the pairing record's address form.
+pub fn ip_port(addr: SocketAddr) -> String {
+    format!("{} {}", addr.ip(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair(l: &TcpListener) -> (TcpStream, Responder) {
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, peer) = l.accept().unwrap();
+        (client, Responder { stream, peer })
+    }
+
+    #[test]
+    fn fifo_eviction_and_dead_skipping() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let label = Label::new("demo", 2);
+        let (c1, r1) = pair(&l);
+        let (c2, r2) = pair(&l);
+        let (_c3, r3) = pair(&l);
+        let (p1, p2, p3) = (r1.peer, r2.peer, r3.peer);
+        assert_eq!(label.push(r1), None);
+        assert_eq!(label.push(r2), None);
+        assert_eq!(label.push(r3), Some(p1), "oldest evicted at a full pool");
+        drop(c1);
+        drop(c2); // r2 is now dead: it must be skipped.
+        std::thread::sleep(Duration::from_millis(50));
+        let got = label.take(Duration::from_millis(10)).unwrap();
+        assert_eq!(got.peer, p3);
+        assert_ne!(got.peer, p2);
+        assert!(label.take(Duration::from_millis(10)).is_none());
+    }
+
+    #[test]
+    fn peek_keeps_early_octets() {
+        use std::io::{Read, Write};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut c, r) = pair(&l);
+        c.write_all(b"220 banner").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let label = Label::new("demo", 2);
+        label.push(r);
+        assert_eq!(label.prune(), 1);
+        let mut got = label.take(Duration::ZERO).unwrap();
+        let mut buf = [0u8; 10];
+        got.stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"220 banner");
+    }
+
+    #[test]
+    fn pairings_keep_last_hundred_and_redirect_paths_match_by_address() {
+        let label = Label::new("demo", 1);
+        for i in 0..150 {
+            label.record(Pairing {
+                responder: "a 1".into(),
+                initiator: "b 2".into(),
+                pathname: format!("/{i}"),
+                timestamp: i,
+            });
+        }
+        let all = label.pairings();
+        assert_eq!(all.len(), MAX_PAIRINGS);
+        assert_eq!(all[0].pathname, "/50");
+        assert_eq!(all[99].pathname, "/149");
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        label.remember_redirect(ip, "/first?q=1");
+        label.remember_redirect(ip, "/second");
+        assert_eq!(label.redirect_path(ip), "/first?q=1");
+        assert_eq!(label.redirect_path("10.0.0.8".parse().unwrap()), "");
+        assert_eq!(label.redirect_path(ip), "/second");
+    }
+}

@@ -1,0 +1,243 @@
+//! Provisioning files (PROTOCOL.md section 5): what a hidden server needs to
+//! register — `ID.json`, and the legacy `ID.js` (`exports.params = {…};`) that the
+//! original's hidden servers read.
+//!
+//! Invariants: both files hold the TOTP secret and are written mode 0600; reading
+//! accepts either form, and `uuid` as the original's one-element array or a string.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::{Account, create_private_dir, write_private};
+use crate::totp::{Algorithm, Totp};
+
+/// How to reach the relay.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// `public_host`.
+    pub hostname: String,
+    /// The well-known port.
+    pub port: u16,
+    /// PEM of the relay's certificate; absent when the relay runs without TLS
+    /// (then a hidden server uses plain HTTP) or uses a publicly trusted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+/// The provisioning file's content, with the field names hidden servers read.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Provision {
+    /// `[ID]`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub uuid: Vec<String>,
+    /// The labels it may register.
+    pub labels: Vec<String>,
+    /// The TOTP secret.
+    pub base32: String,
+    /// Seconds per step.
+    #[serde(default = "default_step")]
+    pub step: u64,
+    /// Code length.
+    #[serde(default = "default_digits")]
+    pub digits: u32,
+    /// HMAC name.
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+    /// Always "totp".
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// `LABEL.servers_domain` of the first label.
+    #[serde(default)]
+    pub name: String,
+    /// `https://registrar_name`.
+    pub issuer: String,
+    /// How to reach the relay.
+    pub server: ServerInfo,
+}
+
+fn default_step() -> u64 {
+    30
+}
+fn default_digits() -> u32 {
+    6
+}
+fn default_algorithm() -> String {
+    "sha1".into()
+}
+fn default_protocol() -> String {
+    "totp".into()
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl Provision {
+    /// The file for `account` on the relay described by `config`; the `ca` is the
+    /// relay's certificate when TLS is on.
+    pub fn new(account: &Account, config: &Config) -> Result<Provision> {
+        let totp = account.totp()?;
+        let ca = if config.tls {
+            Some(
+                std::fs::read_to_string(&config.cert)
+                    .map_err(|e| Error::file(&config.cert, "read", e))?,
+            )
+        } else {
+            None
+        };
+        let first = account.labels.first().cloned().unwrap_or_default();
+        Ok(Provision {
+            uuid: vec![account.uuid.clone()],
+            labels: account.labels.clone(),
+            base32: account.auth_params.base32.clone(),
+            step: totp.step,
+            digits: totp.digits.unwrap_or(6),
+            algorithm: totp.algorithm.name().into(),
+            protocol: "totp".into(),
+            name: format!("{first}.{}", config.servers_domain),
+            issuer: format!("https://{}", config.registrar_name),
+            server: ServerInfo {
+                hostname: config.public_host.clone(),
+                port: config.port,
+                ca,
+            },
+        })
+    }
+
+    /// Reads `ID.json`, or a legacy `ID.js` (`exports.params = {…};`).
+    pub fn load(path: &Path) -> Result<Provision> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, "read", e))?;
+        let bad = |reason: String| Error::FileContent {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let json = match (text.find('{'), text.rfind('}')) {
+            (Some(a), Some(b)) if a < b => &text[a..=b],
+            _ => return Err(bad("no JSON object in provisioning file".into())),
+        };
+        let p: Provision =
+            serde_json::from_str(json).map_err(|e| bad(format!("not a provisioning file: {e}")))?;
+        if p.uuid.is_empty() {
+            return Err(bad("uuid is empty".into()));
+        }
+        p.totp().map_err(|e| bad(e.to_string()))?;
+        Ok(p)
+    }
+
+    /// The account ID.
+    pub fn id(&self) -> &str {
+        self.uuid.first().map_or("", String::as_str)
+    }
+
+    /// The TOTP this file describes.
+    pub fn totp(&self) -> Result<Totp> {
+        let algorithm = Algorithm::parse(&self.algorithm).ok_or_else(|| {
+            Error::Usage(format!("algorithm {:?} is not supported", self.algorithm))
+        })?;
+        Totp::new(&self.base32, self.step, Some(self.digits), algorithm)
+    }
+
+    /// The registrar's host name, from `issuer`.
+    pub fn registrar_name(&self) -> &str {
+        let host = self
+            .issuer
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        host.split(['/', ':']).next().unwrap_or(host)
+    }
+
+    /// Key Uri Format (`otpauth://totp/…`) for authenticator apps and QR codes.
+    pub fn otpauth_uri(&self) -> String {
+        let issuer = self.registrar_name();
+        format!(
+            "otpauth://totp/{issuer}:{}?secret={}&issuer={issuer}&algorithm={}&digits={}&period={}",
+            self.id(),
+            self.base32,
+            self.algorithm.to_ascii_uppercase(),
+            self.digits,
+            self.step
+        )
+    }
+
+    /// Writes `DIR/ID.json` and `DIR/ID.js`, mode 0600; returns their paths.
+    pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        create_private_dir(dir)?;
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Usage(e.to_string()))?;
+        let json_path = dir.join(format!("{}.json", self.id()));
+        let js_path = dir.join(format!("{}.js", self.id()));
+        write_private(&json_path, format!("{json}\n").as_bytes(), 0o600)?;
+        write_private(
+            &js_path,
+            format!("exports.params = {json};\n").as_bytes(),
+            0o600,
+        )?;
+        Ok((json_path, js_path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn json_and_js_round_trip_with_every_field() {
+        let dir = std::env::temp_dir().join(format!("taas-prov-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config::from_toml("tls = false", "t").unwrap();
+        let account = Account::new(None, &["demo".into()]).unwrap();
+        let p = Provision::new(&account, &config).unwrap();
+        let (json, js) = p.write(&dir).unwrap();
+        for path in [&json, &js] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let back = Provision::load(path).unwrap();
+            assert_eq!(back.id(), account.uuid);
+            assert_eq!(back.base32, account.auth_params.base32);
+            assert_eq!(back.name, "demo.taas.localhost");
+            assert_eq!(back.registrar_name(), "registrar.localhost");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        for key in [
+            "uuid",
+            "labels",
+            "base32",
+            "step",
+            "digits",
+            "algorithm",
+            "protocol",
+            "name",
+            "issuer",
+            "server",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+        assert!(v["uuid"].is_array());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn otpauth_uri_shape() {
+        let config = Config::from_toml("tls = false", "t").unwrap();
+        let account = Account::new(None, &["demo".into()]).unwrap();
+        let p = Provision::new(&account, &config).unwrap();
+        let uri = p.otpauth_uri();
+        assert!(uri.starts_with("otpauth://totp/registrar.localhost:"));
+        assert!(uri.contains("&digits=6&period=30"));
+    }
+}

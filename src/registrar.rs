@@ -1,0 +1,95 @@
+//! The registrar (PROTOCOL.md sections 1 and 4): `PUT /register/LABEL` opens a plug
+//! for an authenticated owner of LABEL; `GET /pairings/LABEL` lists its pairings.
+//!
+//! Invariants: nothing is done for a request before its credentials pass the
+//! throttle and TOTP check; the token is never logged; the answer body of a 200 is
+//! `public_host:port` built from the config, never from the request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::auth;
+use crate::error::{Error, Result};
+use crate::http::{Head, Response};
+use crate::label;
+use crate::plug;
+use crate::server::Shared;
+use crate::store::Account;
+
+/// Answers a request addressed to the registrar host.
+pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Response> {
+    let path = head.path();
+    if let Some(name) = path.strip_prefix("/register/") {
+        if head.method != "PUT" {
+            return Err(Error::MethodNotAllowed("PUT"));
+        }
+        if let Some(to) = &shared.config.registrar_redirect {
+            return Err(Error::Redirect(format!("{to}{}", head.target)));
+        }
+        if shared.stopping() {
+            return Err(Error::Limit("draining"));
+        }
+        let name = label::validate(name)?;
+        let account = authorize(shared, head, peer, &name)?;
+        let lab = shared.labels.get_or_create(&name);
+        let port = plug::open(shared, lab, peer.ip())?;
+        let mut r = Response::text(200, shared.config.public_addr(port));
+        r.note = format!("plug {port}");
+        shared.metrics.registration("ok");
+        Ok(r)
+    } else if let Some(name) = path.strip_prefix("/pairings/") {
+        if head.method != "GET" {
+            return Err(Error::MethodNotAllowed("GET"));
+        }
+        let name = label::validate(name)?;
+        let account = authorize(shared, head, peer, &name)?;
+        let list = shared
+            .labels
+            .get(&name)
+            .map(|l| l.pairings())
+            .unwrap_or_default();
+        let body = serde_json::to_vec(&list).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut r = Response::text(200, "");
+        r.content_type = "application/json";
+        r.body = body;
+        r.note = format!("{} pairings", list.len());
+        Ok(r)
+    } else {
+        Err(Error::NotFound)
+    }
+}
+
+/// The account behind the request's `Authorization`, if it owns `label`.
+fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Result<Account> {
+    let result = (|| {
+        let value = head.authorization.as_deref().ok_or(Error::AuthMissing)?;
+        let creds = auth::parse_authorization(value)?;
+        let account =
+            shared
+                .guard
+                .authenticate(&shared.store, &creds, peer.ip(), crate::unix_time())?;
+        if !account.owns(label) {
+            return Err(Error::Forbidden {
+                id: account.uuid,
+                label: label.to_string(),
+            });
+        }
+        Ok(account)
+    })();
+    if let Err(e) = &result {
+        shared.metrics.registration(match e {
+            Error::AuthMissing | Error::AuthFailed => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
+            Error::Throttled(_) => "throttled",
+            Error::StoreUnavailable(_) => "store_unavailable",
+            _ => "bad_request",
+        });
+        if matches!(e, Error::AuthFailed) {
+            shared.metrics.auth_failure();
+        }
+        if matches!(e, Error::StoreUnavailable(_)) {
+            shared.metrics.store_error();
+        }
+    }
+    result
+}

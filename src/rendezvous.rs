@@ -1,0 +1,179 @@
+//! Rendezvous (PROTOCOL.md section 2): one port per label, opened when a mobile
+//! client is first sent to it, given out in every 307 while open, and closed after
+//! `rendezvous_idle` with no waiting responder and no new connection. Each
+//! connection accepted there is paired with the oldest live waiting responder
+//! (waiting up to `pair_wait`) and relayed.
+//!
+//! Invariants: at most one open port per label (the label's lock is held while
+//! opening); the accept loop only accepts and spawns, it never waits on a peer; a
+//! connection beyond `max_pairs` is closed at once.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+use crate::pool::{self, Label, Pairing};
+use crate::relay;
+use crate::server::{PairPermit, Shared, spawn, wake};
+
+/// Stack of a pairing thread: waits, logs and runs one direction of `io::copy`.
+pub const PAIR_STACK: usize = 64 * 1024;
+
+/// An open rendezvous port.
+pub struct Rendezvous {
+    /// The port given out in 307s.
+    pub port: u16,
+    /// The bound address (to wake the accept loop when closing).
+    addr: SocketAddr,
+    /// Last 307 or accepted connection.
+    last_used: Mutex<Instant>,
+    /// Set when closing; the accept loop ends at its next wake-up.
+    closed: AtomicBool,
+}
+
+impl Rendezvous {
+    /// Marks the port as used now.
+    pub fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Time since last use.
+    pub fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// Stops the accept loop (the listener is dropped there).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        wake(self.addr);
+    }
+}
+
+/// The label's rendezvous port, opened if needed, and marked used.
+pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
+    let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(rv) = slot.as_ref() {
+        rv.touch();
+        return Ok(rv.port);
+    }
+    let listener = shared.bind_free_port()?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| crate::Error::io("rendezvous bind", e))?;
+    let rv = Arc::new(Rendezvous {
+        port: addr.port(),
+        addr,
+        last_used: Mutex::new(Instant::now()),
+        closed: AtomicBool::new(false),
+    });
+    let (s, l, r) = (shared.clone(), label.clone(), rv.clone());
+    spawn("rendezvous", PAIR_STACK, move || {
+        accept_loop(&s, &l, &r, listener)
+    })?;
+    log::info!("rendezvous {} open for {}", rv.port, label.name);
+    shared.metrics.rendezvous_open(1);
+    *slot = Some(rv.clone());
+    Ok(rv.port)
+}
+
+/// Closes the rendezvous ports of labels idle longer than `rendezvous_idle` with
+/// no waiting responder (called by the housekeeper).
+pub fn close_idle(shared: &Shared) {
+    for label in shared.labels.all() {
+        let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = slot
+            .as_ref()
+            .is_some_and(|rv| rv.idle_for() >= shared.config.rendezvous_idle);
+        if idle
+            && label.waiting() == 0
+            && let Some(rv) = slot.take()
+        {
+            log::info!("rendezvous {} closed for {}: idle", rv.port, label.name);
+            rv.close();
+        }
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, label: &Arc<Label>, rv: &Rendezvous, listener: TcpListener) {
+    loop {
+        let accepted = listener.accept();
+        if rv.closed.load(Ordering::SeqCst) || shared.stopping() {
+            break;
+        }
+        let (mobile, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                shared
+                    .refusals
+                    .note("accept on rendezvous port", &e.to_string());
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        rv.touch();
+        let Some(permit) = shared.acquire_pair() else {
+            shared
+                .refusals
+                .note("max_pairs", &format!("{} from {peer}", label.name));
+            shared.metrics.refused("max_pairs");
+            continue;
+        };
+        let (s, l) = (shared.clone(), label.clone());
+        if let Err(e) = spawn("pair", PAIR_STACK, move || {
+            pair(&s, &l, mobile, peer, permit)
+        }) {
+            log::error!("{}: no thread for {peer}: {e}", label.name);
+        }
+    }
+    shared.metrics.rendezvous_open(-1);
+}
+
+/// Pairs one mobile connection and relays it to the end.
+fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, permit: PairPermit) {
+    let Some(responder) = label.take(shared.config.pair_wait) else {
+        log::warn!(
+            "{}: no responder for {peer} within pair_wait ({} s); closed",
+            label.name,
+            shared.config.pair_wait.as_secs_f64()
+        );
+        shared.metrics.refused("pair_wait");
+        return;
+    };
+    let hidden = responder.stream;
+    for s in [&mobile, &hidden] {
+        let _ = s.set_nodelay(true);
+        let _ = pool::set_keepalive(s);
+    }
+    permit.attach(&mobile, &hidden);
+    let record = Pairing {
+        responder: pool::ip_port(responder.peer),
+        initiator: pool::ip_port(peer),
+        pathname: label.redirect_path(peer.ip()),
+        timestamp: pool::now_millis(),
+    };
+    log::info!(
+        "pair {}: mobile {peer} <-> hidden {} path {:?}",
+        label.name,
+        responder.peer,
+        record.pathname
+    );
+    label.record(record);
+    shared.metrics.pair_opened();
+    let started = Instant::now();
+    let (moved, err) = relay::run(mobile, hidden);
+    shared.metrics.pair_closed(moved.up, moved.down);
+    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+    log::info!(
+        "closed {}: mobile {peer} <-> hidden {}: {} up, {} down in {:.1} s{how}",
+        label.name,
+        responder.peer,
+        moved.up,
+        moved.down,
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,749 @@
+//! The relay process: the well-known listener, one thread per connection (TLS
+//! handshake and request head under one deadline, then one answer), routing by
+//! `Host` to the registrar or the rendezvous, the limits, the housekeeper, and a
+//! shutdown that provably ends.
+//!
+//! Invariants:
+//! - the accept loop only accepts, counts and spawns: handshakes run in the
+//!   connection's thread, so a slow peer never stalls an accept;
+//! - connections on the well-known port are capped in total and per address,
+//!   relayed pairs (and mobile connections waiting for one) in total; at a limit
+//!   the newcomer is closed and the log says so once per burst;
+//! - every thread has an explicit stack size;
+//! - `shutdown` sets a flag, wakes every accept loop by connecting to it, lets
+//!   live pairs run for the grace period and then shuts their sockets down.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+
+use crate::auth::Guard;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::http::{self, DeadlineStream, Head, Response};
+use crate::label;
+use crate::metrics::Metrics;
+use crate::pool::Labels;
+use crate::registrar;
+use crate::rendezvous;
+use crate::store::Store;
+
+/// Stack of a well-known-port connection thread: a TLS handshake (ring) and one
+/// request. Measured need is well under this; 256 KiB leaves room.
+pub const CONN_STACK: usize = 256 * 1024;
+/// Stack of the accept loop and the housekeeper.
+pub const SMALL_STACK: usize = 64 * 1024;
+/// Listen backlog of the well-known port (std's default is 128).
+pub const BACKLOG: i32 = 1024;
+/// Time allowed to write an answer after the head was read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Housekeeping period: idle rendezvous ports, dead responders, refusal counts.
+pub const TICK: Duration = Duration::from_secs(1);
+/// A burst of refusals is summed up after this long without one.
+pub const REFUSAL_QUIET: Duration = Duration::from_secs(5);
+
+/// State shared by every thread of one relay.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// The accounts.
+    pub store: Store,
+    /// Throttle and replay rule.
+    pub guard: Guard,
+    /// TLS for the well-known port, unless `tls = false`.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Per-label pools, rendezvous ports and records.
+    pub labels: Labels,
+    /// Relayed pairs, for the limit and for shutdown.
+    pub pairs: Pairs,
+    /// Connections on the well-known port, for the limits.
+    conns: ConnLimit,
+    /// Set once shutdown begins.
+    stopping: AtomicBool,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// Refusals logged once per burst.
+    pub refusals: RefusalLog,
+    /// When the relay started.
+    pub started: Instant,
+}
+
+impl Shared {
+    /// True once shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// A listener on a free port of `port_range`: a random start, then every port
+    /// in turn; a busy port is skipped.
+    pub fn bind_free_port(&self) -> Result<TcpListener> {
+        let (first, last) = self.config.port_range;
+        let span = u32::from(last - first) + 1;
+        let mut r = [0u8; 4];
+        crate::store::random_bytes(&mut r)?;
+        let start = u32::from_le_bytes(r) % span;
+        for i in 0..span {
+            let port = first as u32 + (start + i) % span;
+            let port = u16::try_from(port).unwrap_or(last);
+            if let Ok(l) = TcpListener::bind((self.config.bind_host, port)) {
+                return Ok(l);
+            }
+        }
+        Err(Error::NoFreePort)
+    }
+}
+
+/// Spawns a named thread with an explicit stack.
+pub fn spawn(name: &str, stack: usize, f: impl FnOnce() + Send + 'static) -> Result<()> {
+    thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack)
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| Error::io("spawn thread", e))
+}
+
+/// Wakes a blocking `accept` on `addr` by connecting to it once.
+pub fn wake(addr: SocketAddr) {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), Duration::from_secs(1));
+}
+
+/// Live pairs (and mobile connections waiting to be paired), capped at `max`.
+pub struct Pairs {
+    /// Cap (`max_pairs`).
+    max: usize,
+    /// Next permit number.
+    next: AtomicU64,
+    /// Permit number to the pair's sockets (once paired).
+    live: Mutex<HashMap<u64, Option<(TcpStream, TcpStream)>>>,
+}
+
+impl Pairs {
+    fn new(max: usize) -> Pairs {
+        Pairs {
+            max,
+            next: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Pairs now.
+    pub fn count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn close_all(&self) {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for (a, b) in live.values().flatten() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Shared {
+    /// A pair slot, or `None` at `max_pairs`.
+    pub fn acquire_pair(self: &Arc<Shared>) -> Option<PairPermit> {
+        let mut live = self.pairs.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.len() >= self.pairs.max {
+            return None;
+        }
+        let id = self.pairs.next.fetch_add(1, Ordering::Relaxed);
+        live.insert(id, None);
+        Some(PairPermit {
+            shared: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A pair slot held by a pairing thread; freed on drop.
+pub struct PairPermit {
+    /// The relay it belongs to.
+    shared: Arc<Shared>,
+    /// Its number.
+    id: u64,
+}
+
+impl PairPermit {
+    /// Records the pair's sockets so shutdown can close them.
+    pub fn attach(&self, a: &TcpStream, b: &TcpStream) {
+        if let (Ok(a), Ok(b)) = (a.try_clone(), b.try_clone()) {
+            let mut live = self
+                .shared
+                .pairs
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            live.insert(self.id, Some((a, b)));
+        }
+    }
+}
+
+impl Drop for PairPermit {
+    fn drop(&mut self) {
+        let mut live = self
+            .shared
+            .pairs
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        live.remove(&self.id);
+    }
+}
+
+/// Connections open on the well-known port, in total and per address.
+struct ConnLimit {
+    /// Cap in total.
+    max: usize,
+    /// Cap per address.
+    max_per_ip: usize,
+    /// Total and per-address counts.
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl ConnLimit {
+    /// Takes a slot for `ip`, or says which limit refused it.
+    fn acquire(&self, ip: IpAddr) -> std::result::Result<(), &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 >= self.max {
+            return Err("max_connections");
+        }
+        let n = open.1.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err("max_connections_per_ip");
+        }
+        *n += 1;
+        open.0 += 1;
+        Ok(())
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Logs the first refusal of a burst per limit, and the count when it ends.
+#[derive(Default)]
+pub struct RefusalLog {
+    /// Limit name to refusals since the first was logged, and the last one's time.
+    bursts: Mutex<HashMap<&'static str, (u64, Instant)>>,
+}
+
+impl RefusalLog {
+    /// Notes a refusal by `limit`; only the first of a burst is logged.
+    pub fn note(&self, limit: &'static str, detail: &str) {
+        let mut bursts = self.bursts.lock().unwrap_or_else(|p| p.into_inner());
+        match bursts.get_mut(limit) {
+            Some((n, at)) => {
+                *n += 1;
+                *at = Instant::now();
+            }
+            None => {
+                log::warn!("{limit} reached: refused {detail}; further refusals are counted");
+                bursts.insert(limit, (0, Instant::now()));
+            }
+        }
+    }
+
+    /// Ends bursts quiet for `REFUSAL_QUIET`, logging their counts.
+    fn flush(&self) {
+        let mut bursts = self.bursts.lock().unwrap_or_else(|p| p.into_inner());
+        bursts.retain(|limit, (n, at)| {
+            if at.elapsed() < REFUSAL_QUIET {
+                return true;
+            }
+            if *n > 0 {
+                log::warn!("{limit}: {n} more refusals in that burst");
+            }
+            false
+        });
+    }
+}
+
+/// Where a request goes, by its `Host`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// The registrar host.
+    Registrar,
+    /// `LABEL.servers_domain`, with the label validated and lower case.
+    Label(String),
+}
+
+/// Routes a `Host` value: case-insensitive, any `:port` ignored.
+pub fn route(host: Option<&str>, config: &Config) -> Result<Route> {
+    let host = host.ok_or_else(|| Error::BadRequest("no Host header".into()))?;
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == config.registrar_name {
+        return Ok(Route::Registrar);
+    }
+    if let Some(label) = name.strip_suffix(&format!(".{}", config.servers_domain))
+        && let Ok(label) = label::validate(label)
+    {
+        return Ok(Route::Label(label));
+    }
+    Err(Error::MisdirectedHost(host.chars().take(100).collect()))
+}
+
+/// A running relay. Dropping it shuts it down without grace.
+pub struct Server {
+    /// State shared with every thread.
+    shared: Arc<Shared>,
+    /// The well-known listener's address.
+    local_addr: SocketAddr,
+    /// The accept loop.
+    accept: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping this stops the housekeeper.
+    housekeeper_stop: Mutex<Option<Sender<()>>>,
+    /// The housekeeper.
+    housekeeper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Server {
+    /// Opens the store, loads TLS, binds the well-known port and starts serving.
+    pub fn bind(config: Config) -> Result<Server> {
+        let store = Store::open(&config.store)?;
+        let tls = if config.tls {
+            Some(crate::cert::server_config(&config.cert, &config.key)?)
+        } else {
+            None
+        };
+        let addr = SocketAddr::new(config.bind_host, config.port);
+        let listener = listen(addr)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
+        let shared = Arc::new(Shared {
+            guard: Guard::new(config.auth_fail_budget, config.auth_fail_refill),
+            labels: Labels::new(config.max_waiting),
+            pairs: Pairs::new(config.max_pairs),
+            conns: ConnLimit {
+                max: config.max_connections,
+                max_per_ip: config.max_connections_per_ip,
+                open: Mutex::new((0, HashMap::new())),
+            },
+            stopping: AtomicBool::new(false),
+            metrics: Metrics::default(),
+            refusals: RefusalLog::default(),
+            started: Instant::now(),
+            store,
+            tls,
+            config,
+        });
+        let s = shared.clone();
+        let accept = thread::Builder::new()
+            .name("accept".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || accept_loop(&s, &listener))
+            .map_err(|e| Error::io("spawn thread", e))?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let s = shared.clone();
+        let housekeeper = thread::Builder::new()
+            .name("housekeeper".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(TICK) {
+                    rendezvous::close_idle(&s);
+                    for label in s.labels.all() {
+                        label.prune();
+                    }
+                    s.refusals.flush();
+                }
+            })
+            .map_err(|e| Error::io("spawn thread", e))?;
+        Ok(Server {
+            shared,
+            local_addr,
+            accept: Mutex::new(Some(accept)),
+            housekeeper_stop: Mutex::new(Some(stop_tx)),
+            housekeeper: Mutex::new(Some(housekeeper)),
+        })
+    }
+
+    /// The well-known port's address (tests bind port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The state shared by the relay's threads (status pages, tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, closes rendezvous ports and waiting responders, lets live
+    /// pairs run up to `grace`, then shuts them down. Returns when done.
+    pub fn shutdown(&self, grace: Duration) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        wake(self.local_addr);
+        if let Some(h) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        drop(
+            self.housekeeper_stop
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(h) = self
+            .housekeeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+        for label in self.shared.labels.all() {
+            if let Some(rv) = label
+                .rendezvous
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                rv.close();
+            }
+            label.clear();
+        }
+        let deadline = Instant::now() + grace;
+        while self.shared.pairs.count() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let left = self.shared.pairs.count();
+        if left > 0 {
+            log::warn!("shutdown: closing {left} pairs still relaying after the grace period");
+            self.shared.pairs.close_all();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.pairs.count() > 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+/// Binds the well-known port with a larger backlog than std's.
+fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    let fail = |e: std::io::Error| Error::Usage(format!("cannot listen on {addr}: {e}"));
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(BACKLOG).map_err(fail)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stopping() {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                shared.refusals.note("accept", &e.to_string());
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if let Err(limit) = shared.conns.acquire(peer.ip()) {
+            shared.refusals.note(limit, &peer.to_string());
+            shared.metrics.refused(limit);
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = spawn("conn", CONN_STACK, move || {
+            handle_conn(&s, stream, peer);
+            s.conns.release(peer.ip());
+        });
+        if let Err(e) = spawned {
+            shared.conns.release(peer.ip());
+            shared.refusals.note("threads", &format!("{peer}: {e}"));
+        }
+    }
+}
+
+/// One connection on the well-known port: handshake, head, answer, close.
+fn handle_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let io = DeadlineStream {
+        inner: tcp,
+        deadline: Instant::now() + shared.config.head_timeout,
+    };
+    let done = match &shared.tls {
+        Some(tls) => serve_tls(shared, tls.clone(), io, peer),
+        None => serve(shared, io, peer),
+    };
+    if let Err(e) = done {
+        match e {
+            Error::BadRequest(ref why) if why.starts_with("connection closed") => {
+                log::debug!("{peer}: {e}")
+            }
+            _ => log::info!("{peer}: {e}"),
+        }
+    }
+}
+
+fn serve_tls(
+    shared: &Arc<Shared>,
+    config: Arc<rustls::ServerConfig>,
+    io: DeadlineStream,
+    peer: SocketAddr,
+) -> Result<()> {
+    let conn = rustls::ServerConnection::new(config).map_err(|e| Error::Tls(e.to_string()))?;
+    let mut tls = rustls::StreamOwned::new(conn, io);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| Error::io("handshake", e))?;
+    }
+    serve(shared, &mut tls, peer)?;
+    tls.conn.send_close_notify();
+    let _ = tls.conn.complete_io(&mut tls.sock);
+    Ok(())
+}
+
+/// Reads the head, answers it, logs one line. Errors here are the peer's; they
+/// were answered when there was a head to answer.
+fn serve<S: std::io::Read + std::io::Write + HasDeadline>(
+    shared: &Arc<Shared>,
+    mut io: S,
+    peer: SocketAddr,
+) -> Result<()> {
+    let head = match http::read_head(&mut io, shared.config.max_head) {
+        Ok(h) => h,
+        Err(e @ (Error::HeadTooLarge(_) | Error::BadRequest(_))) if !matches!(&e, Error::BadRequest(w) if w.starts_with("connection closed")) =>
+        {
+            io.extend_deadline();
+            let r = Response::from_error(&e);
+            shared.metrics.request(r.status);
+            let _ = r.write_to(&mut io);
+            log::info!("{peer}: {} {}", r.status, r.note);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let response = answer(shared, &head, peer).unwrap_or_else(|e| Response::from_error(&e));
+    io.extend_deadline();
+    shared.metrics.request(response.status);
+    let line = format!(
+        "{} {}{} from {peer}{}: {} {}",
+        head.method,
+        head.host.as_deref().unwrap_or("-"),
+        head.target,
+        id_of(&head),
+        response.status,
+        response.note
+    );
+    if response.status < 400 {
+        log::info!("{line}");
+    } else {
+        log::warn!("{line}");
+    }
+    response
+        .write_to(&mut io)
+        .map_err(|e| Error::io("answer", e))
+}
+
+/// " id X" when the head carries TOTP credentials (the ID is not a secret).
+fn id_of(head: &Head) -> String {
+    head.authorization
+        .as_deref()
+        .and_then(|v| crate::auth::parse_authorization(v).ok())
+        .map_or_else(String::new, |c| {
+            format!(" id {}", c.username.escape_debug())
+        })
+}
+
+/// Routes a request head to its answer.
+fn answer(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Response> {
+    match route(head.host.as_deref(), &shared.config)? {
+        Route::Registrar => registrar::handle(shared, head, peer),
+        Route::Label(name) => {
+            let label = shared
+                .labels
+                .get(&name)
+                .ok_or_else(|| Error::NoResponder(name.clone()))?;
+            if label.prune() == 0 {
+                return Err(Error::NoResponder(name));
+            }
+            let port = rendezvous::port_for(shared, &label)?;
+            let target = if head.target.starts_with('/') {
+                head.target.as_str()
+            } else {
+                "/"
+            };
+            label.remember_redirect(peer.ip(), target);
+            let mut r = Response::text(307, "");
+            r.headers.push((
+                "Location",
+                format!(
+                    "{}://{}{target}",
+                    shared.config.scheme(),
+                    shared.config.public_addr(port)
+                ),
+            ));
+            r.note = format!("rendezvous {port}");
+            Ok(r)
+        }
+    }
+}
+
+/// A stream whose deadline can be pushed out for writing the answer.
+trait HasDeadline {
+    fn extend_deadline(&mut self);
+}
+
+impl HasDeadline for DeadlineStream {
+    fn extend_deadline(&mut self) {
+        self.deadline = Instant::now() + WRITE_TIMEOUT;
+    }
+}
+
+impl HasDeadline for &mut rustls::StreamOwned<rustls::ServerConnection, DeadlineStream> {
+    fn extend_deadline(&mut self) {
+        self.sock.deadline = Instant::now() + WRITE_TIMEOUT;
+    }
+}
+
+/// `taas serve`: first-start set-up, the relay, signals, a graceful stop.
+pub fn run(config: Config) -> Result<()> {
+    if crate::cert::ensure_default(&config)? {
+        log::info!(
+            "first start: made a self-signed certificate {} for {}",
+            config.cert.display(),
+            crate::cert::subject_alt_names(&config).join(", ")
+        );
+    }
+    if !config.tls {
+        log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");
+    }
+    let grace = config.shutdown_grace;
+    let server = Server::bind(config)?;
+    let c = &server.shared.config;
+    log::info!(
+        "taas {} listening on {} (public {}), registrar {}, labels under {}, store {}, config {}",
+        crate::version(),
+        server.local_addr(),
+        c.public_addr(server.local_addr().port()),
+        c.registrar_name,
+        c.servers_domain,
+        c.store.describe(),
+        c.source
+    );
+    match server.shared.store.list() {
+        Ok(list) if list.is_empty() => {
+            log::info!("no accounts yet: add one with `taas users add LABEL`")
+        }
+        Ok(list) => log::info!("{} accounts", list.len()),
+        Err(e) => log::warn!("{e}"),
+    }
+    let status = match c.status_listen {
+        Some(addr) => Some(crate::status::StatusServer::bind(
+            addr,
+            server.shared().clone(),
+        )?),
+        None => None,
+    };
+    wait_for_signal()?;
+    log::info!(
+        "stopping: live pairs have {} s to finish",
+        grace.as_secs_f64()
+    );
+    drop(status);
+    server.shutdown(grace);
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT; SIGHUP reopens the log file meanwhile.
+fn wait_for_signal() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| Error::io("signal set-up", e))?;
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            crate::logging::reopen();
+            log::info!(
+                "SIGHUP: log file reopened; accounts are read from the store at each registration"
+            );
+        } else {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_routing() {
+        let c = Config::default();
+        assert_eq!(
+            route(Some("registrar.localhost"), &c).unwrap(),
+            Route::Registrar
+        );
+        assert_eq!(
+            route(Some("REGISTRAR.localhost:8443"), &c).unwrap(),
+            Route::Registrar
+        );
+        assert_eq!(
+            route(Some("Demo.taas.localhost:1"), &c).unwrap(),
+            Route::Label("demo".into())
+        );
+        assert_eq!(
+            route(Some("demo.taas.localhost."), &c).unwrap(),
+            Route::Label("demo".into())
+        );
+        for bad in [
+            "example.com",
+            "a.b.taas.localhost",
+            "taas.localhost",
+            "-x.taas.localhost",
+            "[::1]:80",
+        ] {
+            assert!(
+                matches!(route(Some(bad), &c), Err(Error::MisdirectedHost(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(route(None, &c), Err(Error::BadRequest(_))));
+    }
+}

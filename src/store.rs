@@ -1,0 +1,663 @@
+//! Accounts (PROTOCOL.md section 5) behind one enum over two stores: an embedded
+//! JSON file, or Redis in the original taas-server's layout (key = ID, value = the
+//! JSON record).
+//!
+//! Invariants:
+//! - a record's unknown fields (the original's `authURL`, `qrcodeURL`, …) survive
+//!   every read and write;
+//! - the file store writes a temporary file, fsyncs it, renames it over the old
+//!   one and fsyncs the directory, all under an exclusive lock on `PATH.lock`, so a
+//!   crash leaves the old file whole and two writers never lose each other's work;
+//!   every read goes to the file, so another process's change is seen at once;
+//! - Redis failures are `StoreUnavailable`, never "no such account"; a dropped
+//!   connection is re-opened on the next call.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::label;
+use crate::totp::{Algorithm, Totp};
+
+/// Redis connect, read and write timeout.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Keys fetched per Redis `SCAN` round.
+const SCAN_COUNT: usize = 200;
+
+/// Where accounts live, as the `store` key says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `file:PATH`.
+    File(PathBuf),
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`, kept whole for the redis crate.
+    Redis(String),
+}
+
+impl StoreSpec {
+    /// Parses the `store` key.
+    pub fn parse(text: &str) -> std::result::Result<StoreSpec, String> {
+        if let Some(path) = text.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("file: needs a path".into());
+            }
+            return Ok(StoreSpec::File(PathBuf::from(path)));
+        }
+        if text.starts_with("redis://") {
+            redis::Client::open(text).map_err(|e| format!("bad redis URL: {e}"))?;
+            return Ok(StoreSpec::Redis(text.to_string()));
+        }
+        Err("expected file:PATH or redis://[:PASSWORD@]HOST:PORT[/DB]".into())
+    }
+
+    /// For log lines: the file, or Redis's address without the password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreSpec::File(p) => format!("file:{}", p.display()),
+            StoreSpec::Redis(url) => match redis::Client::open(url.as_str()) {
+                Ok(c) => format!("redis {}", c.get_connection_info().addr()),
+                Err(_) => "redis".into(),
+            },
+        }
+    }
+}
+
+/// An account record, in the original's JSON layout.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Account {
+    /// The ID.
+    pub uuid: String,
+    /// Labels this ID may register, lower case.
+    pub labels: Vec<String>,
+    /// How it authenticates.
+    #[serde(rename = "authParams")]
+    pub auth_params: AuthParams,
+    /// Fields this version does not know, kept as they were.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// TOTP parameters of an account.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AuthParams {
+    /// Always "totp".
+    pub protocol: String,
+    /// The secret, base32.
+    pub base32: String,
+    /// Seconds per step; 30 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// "sha1", "sha256" or "sha512"; sha1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// Code length; absent in legacy records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digits: Option<u32>,
+    /// Fields this version does not know (the original kept `ascii`, `hex`, …).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl std::fmt::Debug for Account {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("uuid", &self.uuid)
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Account {
+    /// A new account: random UUID unless `id` is given, 160 random bits of secret
+    /// (RFC 4226 section 4 recommends 160), SHA-1, 6 digits, 30 s.
+    pub fn new(id: Option<&str>, labels: &[String]) -> Result<Account> {
+        let uuid = match id {
+            Some(id) => parse_uuid(id)?,
+            None => new_uuid()?,
+        };
+        let labels = labels
+            .iter()
+            .map(|l| label::validate(l))
+            .collect::<Result<Vec<_>>>()?;
+        let mut secret = [0u8; 20];
+        random_bytes(&mut secret)?;
+        Ok(Account {
+            uuid,
+            labels,
+            auth_params: AuthParams {
+                protocol: "totp".into(),
+                base32: crate::totp::encode_base32(&secret),
+                step: Some(30),
+                algorithm: Some("sha1".into()),
+                digits: Some(6),
+                extra: Map::new(),
+            },
+            extra: Map::new(),
+        })
+    }
+
+    /// The TOTP of this account, checked.
+    pub fn totp(&self) -> Result<Totp> {
+        let bad = |reason: String| Error::BadAccount {
+            id: self.uuid.clone(),
+            reason,
+        };
+        let p = &self.auth_params;
+        if !p.protocol.eq_ignore_ascii_case("totp") {
+            return Err(bad(format!("protocol {:?} is not totp", p.protocol)));
+        }
+        let algorithm = match &p.algorithm {
+            None => Algorithm::Sha1,
+            Some(a) => Algorithm::parse(a).ok_or_else(|| bad(format!("algorithm {a:?}")))?,
+        };
+        Totp::new(&p.base32, p.step.unwrap_or(30), p.digits, algorithm)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Does this account own `label` (already lower case)?
+    pub fn owns(&self, label: &str) -> bool {
+        self.labels.iter().any(|l| l.eq_ignore_ascii_case(label))
+    }
+}
+
+/// Fills `buf` from the operating system's random source.
+pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| Error::Usage("the operating system gave no random bytes".into()))
+}
+
+/// A random (version 4) UUID, RFC 9562 section 5.4.
+pub fn new_uuid() -> Result<String> {
+    let mut b = [0u8; 16];
+    random_bytes(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// Checks the shape of a UUID (8-4-4-4-12 hex) and returns it in lower case.
+pub fn parse_uuid(text: &str) -> Result<String> {
+    let groups: Vec<&str> = text.split('-').collect();
+    let shape = [8, 4, 4, 4, 12];
+    let ok = groups.len() == 5
+        && groups
+            .iter()
+            .zip(shape)
+            .all(|(g, n)| g.len() == n && g.bytes().all(|c| c.is_ascii_hexdigit()));
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(Error::BadId(text.chars().take(80).collect()))
+    }
+}
+
+/// The account store: one of two kinds.
+pub enum Store {
+    /// A JSON file on local disk.
+    File(FileStore),
+    /// A Redis server.
+    Redis(RedisStore),
+}
+
+impl Store {
+    /// Opens the store; a Redis store is pinged so a bad address shows at once.
+    pub fn open(spec: &StoreSpec) -> Result<Store> {
+        match spec {
+            StoreSpec::File(path) => Ok(Store::File(FileStore::new(path))),
+            StoreSpec::Redis(url) => {
+                let store = RedisStore::new(url)?;
+                store.ping()?;
+                Ok(Store::Redis(store))
+            }
+        }
+    }
+
+    /// The account with this ID, if any.
+    pub fn get(&self, id: &str) -> Result<Option<Account>> {
+        match self {
+            Store::File(s) => Ok(s.read()?.remove(id)),
+            Store::Redis(s) => s.get(id),
+        }
+    }
+
+    /// Every account, ordered by ID.
+    pub fn list(&self) -> Result<Vec<Account>> {
+        match self {
+            Store::File(s) => Ok(s.read()?.into_values().collect()),
+            Store::Redis(s) => s.list(),
+        }
+    }
+
+    /// Adds a new account; refuses an existing ID or a label another ID owns.
+    pub fn insert(&self, account: &Account) -> Result<()> {
+        self.write(account, true)
+    }
+
+    /// Replaces an existing account (label edits); refuses a label another owns.
+    pub fn update(&self, account: &Account) -> Result<()> {
+        self.write(account, false)
+    }
+
+    fn write(&self, account: &Account, new: bool) -> Result<()> {
+        match self {
+            Store::File(s) => s.modify(|map| {
+                check_write(map.values(), account, new, map.contains_key(&account.uuid))?;
+                map.insert(account.uuid.clone(), account.clone());
+                Ok(())
+            }),
+            Store::Redis(s) => {
+                let all = s.list()?;
+                let exists = all.iter().any(|a| a.uuid == account.uuid);
+                check_write(all.iter(), account, new, exists)?;
+                s.set(account, new)
+            }
+        }
+    }
+
+    /// Deletes an account; `NoSuchAccount` when there is none.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let removed = match self {
+            Store::File(s) => {
+                let mut found = false;
+                s.modify(|map| {
+                    found = map.remove(id).is_some();
+                    Ok(())
+                })?;
+                found
+            }
+            Store::Redis(s) => s.del(id)?,
+        };
+        if removed {
+            Ok(())
+        } else {
+            Err(Error::NoSuchAccount(id.to_string()))
+        }
+    }
+
+    /// Does the store answer? (The status page's `/ready`.)
+    pub fn ping(&self) -> Result<()> {
+        match self {
+            Store::File(s) => s.read().map(|_| ()),
+            Store::Redis(s) => s.ping(),
+        }
+    }
+}
+
+/// The checks shared by both stores before a write.
+fn check_write<'a>(
+    others: impl Iterator<Item = &'a Account>,
+    account: &Account,
+    new: bool,
+    exists: bool,
+) -> Result<()> {
+    if new && exists {
+        return Err(Error::AccountExists(account.uuid.clone()));
+    }
+    if !new && !exists {
+        return Err(Error::NoSuchAccount(account.uuid.clone()));
+    }
+    for other in others.filter(|a| a.uuid != account.uuid) {
+        if let Some(l) = account.labels.iter().find(|l| other.owns(l)) {
+            return Err(Error::LabelTaken {
+                label: l.clone(),
+                owner: other.uuid.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Accounts as a JSON object of ID to record, in one file.
+pub struct FileStore {
+    /// The JSON file.
+    path: PathBuf,
+}
+
+type AccountMap = BTreeMap<String, Account>;
+
+impl FileStore {
+    /// A store at `path` (created on first write).
+    pub fn new(path: &Path) -> FileStore {
+        FileStore {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The accounts as on disk now; an absent file is an empty store.
+    pub fn read(&self) -> Result<AccountMap> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AccountMap::new()),
+            Err(e) => return Err(Error::file(&self.path, "read", e)),
+        };
+        if text.trim().is_empty() {
+            return Ok(AccountMap::new());
+        }
+        serde_json::from_str(&text).map_err(|e| Error::FileContent {
+            path: self.path.clone(),
+            reason: format!("not an accounts file: {e}"),
+        })
+    }
+
+    /// Read-modify-write under the lock, then an atomic replace.
+    fn modify(&self, change: impl FnOnce(&mut AccountMap) -> Result<()>) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut map = self.read()?;
+        change(&mut map)?;
+        let tmp = self.write_temp(&map)?;
+        self.commit(&tmp)
+    }
+
+    /// Takes the exclusive lock on `PATH.lock`, creating the directory if needed.
+    fn lock(&self) -> Result<File> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        let lock_path = sibling(&self.path, "lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::file(&lock_path, "open", e))?;
+        file.lock()
+            .map_err(|e| Error::file(&lock_path, "lock", e))?;
+        Ok(file)
+    }
+
+    /// Writes the whole map to `PATH.tmp` (mode 0600) and fsyncs it.
+    fn write_temp(&self, map: &AccountMap) -> Result<PathBuf> {
+        let tmp = sibling(&self.path, "tmp");
+        let mut text = serde_json::to_vec_pretty(map).map_err(|e| Error::FileContent {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        text.push(b'\n');
+        write_private(&tmp, &text, 0o600)?;
+        Ok(tmp)
+    }
+
+    /// Renames the temporary file over the store and fsyncs the directory.
+    fn commit(&self, tmp: &Path) -> Result<()> {
+        fs::rename(tmp, &self.path).map_err(|e| Error::file(&self.path, "rename", e))?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::file(dir, "sync", e))
+    }
+}
+
+/// `PATH.EXT` beside `PATH`.
+fn sibling(path: &Path, ext: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Creates `dir` (and parents) with mode 0700 when it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::file(dir, "create directory", e))
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// Writes `bytes` to a new or truncated file created with `mode`, sets the mode
+/// (an existing file keeps its old one otherwise) and fsyncs.
+pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::file(path, "create", e))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::file(path, "chmod", e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::file(path, "write", e))
+}
+
+/// Accounts in Redis, one key per ID.
+pub struct RedisStore {
+    /// The client (holds the parsed URL, password included: never printed).
+    client: redis::Client,
+    /// `HOST:PORT` for messages (no password).
+    addr: String,
+    /// The open connection, if any; dropped on error and re-opened on next use.
+    conn: Mutex<Option<redis::Connection>>,
+}
+
+impl RedisStore {
+    /// A store for `url`; does not connect yet.
+    pub fn new(url: &str) -> Result<RedisStore> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::StoreUnavailable(format!("bad redis URL: {e}")))?;
+        let addr = client.get_connection_info().addr().to_string();
+        Ok(RedisStore {
+            client,
+            addr,
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on a connection, connecting if needed; after a failure the
+    /// connection is dropped and `f` is tried once more on a new one.
+    fn with<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T> {
+        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for _attempt in 0..2 {
+            if slot.is_none() {
+                match self.connect() {
+                    Ok(c) => *slot = Some(c),
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(conn) = slot.as_mut() else { continue };
+            match f(conn) {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+                {
+                    return Err(Error::StoreUnavailable(format!("redis {}: {e}", self.addr)));
+                }
+                Err(e) => {
+                    *slot = None;
+                    last = Some(e);
+                }
+            }
+        }
+        let why = last.map_or_else(|| "no connection".to_string(), |e| e.to_string());
+        Err(Error::StoreUnavailable(format!(
+            "redis {}: {why}",
+            self.addr
+        )))
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let conn = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;
+        conn.set_read_timeout(Some(REDIS_TIMEOUT))?;
+        conn.set_write_timeout(Some(REDIS_TIMEOUT))?;
+        Ok(conn)
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.with(|c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Account>> {
+        let raw: Option<String> = match self.with(|c| redis::cmd("GET").arg(id).query(c)) {
+            Ok(v) => v,
+            // A key of another type (WRONGTYPE) is not an account.
+            Err(Error::StoreUnavailable(why)) if why.contains("WRONGTYPE") => None,
+            Err(e) => return Err(e),
+        };
+        Ok(raw.and_then(|text| parse_record(id, &text)))
+    }
+
+    fn list(&self) -> Result<Vec<Account>> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query(c)
+            })?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(a) = self.get(&key)? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    fn set(&self, account: &Account, new: bool) -> Result<()> {
+        let json = serde_json::to_string(account).map_err(|e| Error::BadAccount {
+            id: account.uuid.clone(),
+            reason: e.to_string(),
+        })?;
+        let flag = if new { "NX" } else { "XX" };
+        let done: Option<String> = self.with(|c| {
+            redis::cmd("SET")
+                .arg(&account.uuid)
+                .arg(&json)
+                .arg(flag)
+                .query(c)
+        })?;
+        match (done, new) {
+            (Some(_), _) => Ok(()),
+            (None, true) => Err(Error::AccountExists(account.uuid.clone())),
+            (None, false) => Err(Error::NoSuchAccount(account.uuid.clone())),
+        }
+    }
+
+    fn del(&self, id: &str) -> Result<bool> {
+        self.with(|c| redis::cmd("DEL").arg(id).query::<i64>(c))
+            .map(|n| n > 0)
+    }
+}
+
+/// A Redis value as an account, or `None` (logged) when it is not one.
+fn parse_record(key: &str, text: &str) -> Option<Account> {
+    match serde_json::from_str::<Account>(text) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            log::debug!("redis key {key:?} is not an account record: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The original taas-server's record, as its users.js wrote it.
+    pub const LEGACY: &str = r#"{"uuid":"3b4cdb26-6a2c-4b8b-93e4-d8c3c0a1c7a1","labels":["demo"],
+        "authParams":{"protocol":"totp","base32":"JBSWY3DPEHPK3PXP","ascii":"Hello!","step":30},
+        "authURL":"totp://JBSWY3DPEHPK3PXP/taas?step=30","qrcodeURL":"https://chart.example/qr"}"#;
+
+    #[test]
+    fn legacy_record_keeps_extra_fields() {
+        let a: Account = serde_json::from_str(LEGACY).unwrap();
+        assert_eq!(a.auth_params.digits, None);
+        assert!(a.totp().is_ok());
+        let back: Value = serde_json::to_value(&a).unwrap();
+        let orig: Value = serde_json::from_str(LEGACY).unwrap();
+        assert_eq!(back, orig);
+    }
+
+    #[test]
+    fn new_account_shape() {
+        let a = Account::new(None, &["Demo".into()]).unwrap();
+        assert!(parse_uuid(&a.uuid).is_ok());
+        assert_eq!(a.uuid.as_bytes()[14], b'4');
+        assert_eq!(a.labels, ["demo"]);
+        assert_eq!(a.auth_params.base32.len(), 32, "160 bits");
+        assert!(!format!("{a:?}").contains(&a.auth_params.base32));
+        assert!(Account::new(Some("nope"), &["x".into()]).is_err());
+        assert!(Account::new(None, &["-x".into()]).is_err());
+    }
+
+    #[test]
+    fn crash_between_write_and_rename_keeps_old_file() {
+        let dir = std::env::temp_dir().join(format!("taas-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = FileStore::new(&dir.join("accounts.json"));
+        let a = Account::new(None, &["one".into()]).unwrap();
+        store
+            .modify(|m| {
+                m.insert(a.uuid.clone(), a.clone());
+                Ok(())
+            })
+            .unwrap();
+        let before = fs::read(dir.join("accounts.json")).unwrap();
+        // A writer that dies after writing the temporary file, before the rename.
+        let mut bigger = store.read().unwrap();
+        let b = Account::new(None, &["two".into()]).unwrap();
+        bigger.insert(b.uuid.clone(), b);
+        let tmp = store.write_temp(&bigger).unwrap();
+        assert!(tmp.exists());
+        assert_eq!(fs::read(dir.join("accounts.json")).unwrap(), before);
+        assert_eq!(store.read().unwrap().len(), 1);
+        // The next writer is not disturbed by the leftover.
+        let c = Account::new(None, &["three".into()]).unwrap();
+        Store::File(FileStore::new(&dir.join("accounts.json")))
+            .insert(&c)
+            .unwrap();
+        assert_eq!(store.read().unwrap().len(), 2);
+        let mode = fs::metadata(dir.join("accounts.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
