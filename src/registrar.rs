@@ -30,7 +30,7 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
             return Err(Error::Limit("draining"));
         }
         let name = label::validate(name)?;
-        let account = authorize(shared, head, peer, &name)?;
+        authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
         let port = plug::open(shared, lab, peer.ip())?;
         let mut r = Response::text(200, shared.config.public_addr(port));
@@ -42,7 +42,7 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
             return Err(Error::MethodNotAllowed("GET"));
         }
         let name = label::validate(name)?;
-        let account = authorize(shared, head, peer, &name)?;
+        authorize(shared, head, peer, &name)?;
         let list = shared
             .labels
             .get(&name)

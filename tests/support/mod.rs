@@ -1,0 +1,378 @@
+//! Test support: a relay on port 0 in a temporary directory with a certificate
+//! from `taas cert`, accounts made by `taas users add`, a small TLS client, a
+//! `redis-server` guard that stops on drop, and curl/oathtool helpers.
+//!
+//! Every process started here is stopped by its guard; every wait is bounded.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use taas::provision::Provision;
+use taas::{Config, Server};
+
+/// The `taas` binary built for these tests.
+pub fn taas_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_taas")
+}
+
+/// Runs `taas ARGS` in `dir`; returns (exit ok, stdout, stderr).
+pub fn taas(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(taas_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run taas");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A port that was free a moment ago (for child processes that need a number).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 10 ms until it is true or `limit` passes; returns its last value.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A relay running in this process, in its own temporary directory.
+pub struct TestRelay {
+    /// The directory: config, certificate, accounts, provisioning files.
+    pub dir: tempfile::TempDir,
+    /// The config file written there.
+    pub config_path: PathBuf,
+    /// The running relay.
+    pub server: Server,
+    /// Its well-known address.
+    pub addr: SocketAddr,
+    /// The relay's certificate (PEM), when TLS is on.
+    pub cert_pem: Option<String>,
+}
+
+/// Set TAAS_TEST_LOG=1 to see the relay's log while testing.
+fn init_log() {
+    if std::env::var_os("TAAS_TEST_LOG").is_some() {
+        let _ = taas::logging::init(None);
+    }
+}
+
+impl TestRelay {
+    /// A relay with TLS and `extra` config lines (TOML) on top of test defaults.
+    pub fn start(extra: &str) -> TestRelay {
+        Self::start_with_store(extra, None)
+    }
+
+    /// The same, with `store` (e.g. a redis:// URL) instead of the file store.
+    pub fn start_with_store(extra: &str, store: Option<&str>) -> TestRelay {
+        init_log();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let store = store.map_or_else(|| format!("file:{d}/accounts.json"), str::to_string);
+        let text = format!(
+            "port = 0\nstore = \"{store}\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n{extra}\n"
+        );
+        let config_path = dir.path().join("taas.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::load(Some(&config_path)).unwrap();
+        let cert_pem = if config.tls {
+            let (ok, _, err) = taas(dir.path(), &["cert", "-c", config_path.to_str().unwrap()]);
+            assert!(ok, "taas cert: {err}");
+            Some(std::fs::read_to_string(&config.cert).unwrap())
+        } else {
+            None
+        };
+        let server = Server::bind(config).unwrap();
+        let addr = server.local_addr();
+        TestRelay {
+            dir,
+            config_path,
+            server,
+            addr,
+            cert_pem,
+        }
+    }
+
+    /// The relay's validated config.
+    pub fn config(&self) -> &Config {
+        &self.server.shared().config
+    }
+
+    /// `taas users add LABEL` against this relay's config; returns the file.
+    pub fn add_account(&self, label: &str) -> Provision {
+        let out = self.dir.path().join("prov");
+        let (ok, stdout, err) = taas(
+            self.dir.path(),
+            &[
+                "users",
+                "add",
+                label,
+                "--out",
+                out.to_str().unwrap(),
+                "-c",
+                self.config_path.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "users add {label}: {err}");
+        Provision::load(Path::new(stdout.lines().next().unwrap())).unwrap()
+    }
+
+    /// One request on the well-known port (TLS when on), with SNI = host.
+    pub fn request(&self, method: &str, host: &str, path: &str, auth: Option<&str>) -> Reply {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        if let Some(a) = auth {
+            head.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.raw(host, head.as_bytes())
+    }
+
+    /// Sends raw bytes (after the TLS handshake, when on) and reads the answer.
+    pub fn raw(&self, sni: &str, bytes: &[u8]) -> Reply {
+        let tcp = TcpStream::connect(self.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut text = Vec::new();
+        match &self.cert_pem {
+            Some(pem) => {
+                let cfg = taas::cert::client_config(Some(pem)).unwrap();
+                let name = sni.split(':').next().unwrap().to_string();
+                let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
+                let conn = rustls::ClientConnection::new(cfg, server_name).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                tls.write_all(bytes).unwrap();
+                let _ = tls.read_to_end(&mut text);
+            }
+            None => {
+                let mut tcp = tcp;
+                tcp.write_all(bytes).unwrap();
+                let _ = tcp.read_to_end(&mut text);
+            }
+        }
+        Reply::parse(&text)
+    }
+
+    /// `Authorization` value for `p` with its current token.
+    pub fn auth(p: &Provision) -> String {
+        let token = p.totp().unwrap().generate(taas::unix_time());
+        format!("TOTP username=\"{}\", response=\"{token}\"", p.id())
+    }
+
+    /// `PUT /register/LABEL` with a fresh token.
+    pub fn register(&self, p: &Provision, label: &str) -> Reply {
+        let host = self.config().registrar_name.clone();
+        self.request(
+            "PUT",
+            &host,
+            &format!("/register/{label}"),
+            Some(&Self::auth(p)),
+        )
+    }
+
+    /// Registers and connects to the plug; returns the responder's socket once the
+    /// relay has it in the pool.
+    pub fn responder(&self, p: &Provision, label: &str) -> TcpStream {
+        let before = self.waiting(label);
+        let r = self.register(p, label);
+        assert_eq!(r.status, 200, "register: {}", r.body);
+        let s = TcpStream::connect(r.body.trim()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let max = self.config().max_waiting;
+        assert!(
+            wait_until(Duration::from_secs(5), || self.waiting(label) > before
+                || before == max),
+            "responder never reached the pool"
+        );
+        s
+    }
+
+    /// Responders waiting for `label` now.
+    pub fn waiting(&self, label: &str) -> usize {
+        self.server
+            .shared()
+            .labels
+            .get(label)
+            .map_or(0, |l| l.waiting())
+    }
+
+    /// `GET /` on LABEL's host: the 307's rendezvous address, or the reply.
+    pub fn rendezvous(&self, label: &str, path: &str) -> Result<SocketAddr, Reply> {
+        let host = format!("{label}.{}", self.config().servers_domain);
+        let r = self.request("GET", &host, path, None);
+        if r.status != 307 {
+            return Err(r);
+        }
+        let loc = r.header("location").unwrap();
+        let hostport = loc.split("://").nth(1).unwrap().split('/').next().unwrap();
+        Ok(hostport.parse().unwrap())
+    }
+}
+
+/// A parsed HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code (0 when nothing came back).
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Reply {
+    /// Parses a whole answer.
+    pub fn parse(bytes: &[u8]) -> Reply {
+        let text = String::from_utf8_lossy(bytes);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Reply {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A real `redis-server` on a free loopback port, stopped on drop.
+pub struct RedisServer {
+    /// The process.
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+    /// Its data directory.
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    /// The store URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it again on the same port (after `stop`).
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir.path().to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(10), || ping(port)),
+            "redis-server did not answer on {port}"
+        );
+    }
+
+    /// Stops it (the data is lost: no persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `oathtool --totp` for a base32 secret at the current time.
+pub fn oathtool(base32: &str, digits: u32, algorithm: &str) -> String {
+    let out = Command::new("oathtool")
+        .args([
+            &format!("--totp={}", algorithm.to_ascii_uppercase()),
+            &format!("--digits={digits}"),
+            "-b",
+            base32,
+        ])
+        .output()
+        .expect("oathtool must be installed (.ci/run installs it)");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A connected pair of loopback sockets.
+pub fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    (a, l.accept().unwrap().0)
+}
+
+/// The rustls client config trusting `pem` (for tests that speak TLS themselves).
+pub fn client_tls(pem: &str) -> Arc<rustls::ClientConfig> {
+    taas::cert::client_config(Some(pem)).unwrap()
+}
