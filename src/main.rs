@@ -25,7 +25,31 @@ enum Command {
     Serve(Serve),
     Users(Users),
     Cert(CertCmd),
+    Expose(Expose),
     Token(Token),
+}
+
+/// the hidden-server agent: keep registrations waiting and pipe each relayed
+/// connection to a local service
+#[derive(FromArgs)]
+#[argh(subcommand, name = "expose")]
+struct Expose {
+    /// the provisioning file (ID.json or legacy ID.js)
+    #[argh(positional)]
+    provision: PathBuf,
+    /// the local service, HOST:PORT
+    #[argh(option)]
+    to: String,
+    /// registrations kept waiting (default 5)
+    #[argh(option, default = "5")]
+    pool: usize,
+    /// the label to serve when the file has several (default: the first)
+    #[argh(option)]
+    label: Option<String>,
+    /// connect to the local service before the mobile client speaks (for
+    /// protocols where the server speaks first: SMTP, FTP)
+    #[argh(switch)]
+    eager: bool,
 }
 
 /// run the relay: registrar, rendezvous ports and relay
@@ -164,6 +188,7 @@ fn try_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Expose(a) => expose(a),
         Command::Token(a) => {
             let p = taas::provision::Provision::load(&a.provision)?;
             println!("{}", p.totp()?.generate(taas::unix_time()));
@@ -201,5 +226,45 @@ fn users_add(a: &UsersAdd) -> Result<()> {
         account.labels.join(","),
         js.display()
     );
+    Ok(())
+}
+
+fn expose(a: Expose) -> Result<()> {
+    taas::logging::init(None)?;
+    let p = taas::provision::Provision::load(&a.provision)?;
+    let label = match a.label {
+        Some(l) => {
+            let l = taas::label::validate(&l)?;
+            if !p.labels.iter().any(|x| x.eq_ignore_ascii_case(&l)) {
+                return Err(Error::Usage(format!(
+                    "{} does not list label {l} (it has {})",
+                    a.provision.display(),
+                    p.labels.join(", ")
+                )));
+            }
+            l
+        }
+        None => p
+            .labels
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Usage(format!("{} lists no label", a.provision.display())))?,
+    };
+    if a.pool == 0 || a.pool > 64 {
+        return Err(Error::Usage("--pool must be 1 to 64".into()));
+    }
+    let registrar = taas::agent::Registrar::from_provision(&p)?;
+    let agent = taas::agent::Agent::start(
+        registrar,
+        taas::agent::ExposeConfig {
+            label,
+            to: a.to,
+            pool: a.pool,
+            eager: a.eager,
+        },
+    )?;
+    taas::server::wait_for_signal()?;
+    agent.stop();
+    log::info!("stopped");
     Ok(())
 }

@@ -98,6 +98,8 @@ pub struct Label {
     redirects: Mutex<VecDeque<(IpAddr, String, Instant)>>,
     /// The last `MAX_PAIRINGS` pairings, oldest first.
     pairings: Mutex<VecDeque<Pairing>>,
+    /// When a responder last arrived or was paired.
+    last_active: Mutex<Option<Instant>>,
 }
 
 impl Label {
@@ -112,13 +114,29 @@ impl Label {
             rendezvous: Mutex::new(None),
             redirects: Mutex::new(VecDeque::new()),
             pairings: Mutex::new(VecDeque::new()),
+            last_active: Mutex::new(None),
         }
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Did a responder arrive or get paired within `window`? A hidden server that
+    /// was just paired is registering again: a mobile client sent to the
+    /// rendezvous port now is paired with that responder within `pair_wait`.
+    pub fn active_within(&self, window: Duration) -> bool {
+        self.last_active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < window)
     }
 
     /// Adds a responder; at a full pool the oldest is closed to make room.
     /// Returns the evicted responder's peer, if any.
     pub fn push(&self, responder: Responder) -> Option<SocketAddr> {
         let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.touch();
         let mut evicted = None;
         let mut item = responder;
         // Two rounds suffice: only this lock's holder adds, so after one eviction
@@ -145,7 +163,10 @@ impl Label {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(r) if r.is_alive() => return Some(r),
+                Ok(r) if r.is_alive() => {
+                    self.touch();
+                    return Some(r);
+                }
                 Ok(r) => log::info!("{}: dropped dead responder {}", self.name, r.peer),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
             }

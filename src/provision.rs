@@ -52,7 +52,7 @@ pub struct Provision {
     /// `LABEL.servers_domain` of the first label.
     #[serde(default)]
     pub name: String,
-    /// `https://registrar_name`.
+    /// `https://registrar_name` (`http://` when the relay runs without TLS).
     pub issuer: String,
     /// How to reach the relay.
     pub server: ServerInfo,
@@ -109,7 +109,7 @@ impl Provision {
             algorithm: totp.algorithm.name().into(),
             protocol: "totp".into(),
             name: format!("{first}.{}", config.servers_domain),
-            issuer: format!("https://{}", config.registrar_name),
+            issuer: format!("{}://{}", config.scheme(), config.registrar_name),
             server: ServerInfo {
                 hostname: config.public_host.clone(),
                 port: config.port,

@@ -51,8 +51,9 @@ pub fn run(mobile: TcpStream, hidden: TcpStream) -> (Moved, Option<io::Error>) {
     (Moved { up, down }, up_err.or(down_err))
 }
 
-/// Copies `from` to `to`; at EOF half-closes `to`, on error closes both.
-fn one_way(mut from: TcpStream, mut to: TcpStream) -> (u64, Option<io::Error>) {
+/// Copies `from` to `to`; at EOF half-closes `to`, on error closes both. Returns
+/// the octets copied and the error, if any.
+pub fn one_way(mut from: TcpStream, mut to: TcpStream) -> (u64, Option<io::Error>) {
     let mut counter = Counting {
         inner: &mut from,
         count: 0,

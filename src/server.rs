@@ -599,7 +599,10 @@ fn answer(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Respons
                 .labels
                 .get(&name)
                 .ok_or_else(|| Error::NoResponder(name.clone()))?;
-            if label.prune() == 0 {
+            // None waiting, and none arrived or paired within pair_wait: 503.
+            // (A label whose hidden server is refilling its pool after a pairing
+            // gets the 307; the connection then waits up to pair_wait.)
+            if label.prune() == 0 && !label.active_within(shared.config.pair_wait) {
                 return Err(Error::NoResponder(name));
             }
             let port = rendezvous::port_for(shared, &label)?;
@@ -692,7 +695,7 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 /// Blocks until SIGTERM or SIGINT; SIGHUP reopens the log file meanwhile.
-fn wait_for_signal() -> Result<()> {
+pub fn wait_for_signal() -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Error::io("signal set-up", e))?;

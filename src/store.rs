@@ -213,8 +213,8 @@ pub fn parse_uuid(text: &str) -> Result<String> {
 pub enum Store {
     /// A JSON file on local disk.
     File(FileStore),
-    /// A Redis server.
-    Redis(RedisStore),
+    /// A Redis server (boxed: its client is much larger than a path).
+    Redis(Box<RedisStore>),
 }
 
 impl Store {
@@ -225,7 +225,7 @@ impl Store {
             StoreSpec::Redis(url) => {
                 let store = RedisStore::new(url)?;
                 store.ping()?;
-                Ok(Store::Redis(store))
+                Ok(Store::Redis(Box::new(store)))
             }
         }
     }

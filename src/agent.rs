@@ -1,0 +1,578 @@
+//! The hidden side (`taas expose`): keeps `pool` registrations waiting at the relay
+//! for one label and pipes each relayed connection to a local TCP service.
+//!
+//! Each of the `pool` slots is one thread that loops: register (PROTOCOL.md
+//! section 1), connect to the plug, wait for the mobile client's first octet, hand
+//! the connection to a pipe thread, register again. So a burst of mobile
+//! connections is met by all slots re-registering at once, not one after another.
+//!
+//! Invariants:
+//! - failures back off exponentially with jitter, capped at `MAX_BACKOFF`; 401 and
+//!   403 retry slowly (`AUTH_RETRY`) and say the clock is the usual cause; 429
+//!   waits its `Retry-After`; a 3xx is followed (at most `MAX_REDIRECTS` hops);
+//! - a failing run is logged at its first failure and then as a count, once per
+//!   `REPORT_EVERY`, not once per retry;
+//! - the local service being down closes that one mobile connection only;
+//! - with `eager`, the local service is connected as soon as the responder is in
+//!   place, so a server that speaks first (SMTP, FTP) is heard: its octets wait
+//!   in the relay until a mobile client is paired. The slot registers again when
+//!   the mobile side first sends, or when the connection ends.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::provision::Provision;
+use crate::relay;
+use crate::server::spawn;
+use crate::totp::Totp;
+
+/// Longest wait between two failed registrations.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// First wait after a failure.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Wait after a 401 or 403 (retrying fast cannot help and burns the throttle).
+pub const AUTH_RETRY: Duration = Duration::from_secs(30);
+/// Redirects followed for one registration.
+pub const MAX_REDIRECTS: usize = 3;
+/// Deadline of one registration exchange (connect, TLS, request, answer).
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for connecting to the plug or the local service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiting slot looks at the stop flag.
+pub const WAIT_TICK: Duration = Duration::from_secs(1);
+/// Largest registration answer read.
+pub const MAX_ANSWER: usize = 16 * 1024;
+/// A failing run is summed up this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Stack of slot and pipe threads.
+pub const AGENT_STACK: usize = 128 * 1024;
+
+/// Where and how to register: read from a provisioning file.
+#[derive(Clone)]
+pub struct Registrar {
+    /// Address to connect to (`server.hostname`, `server.port`).
+    pub connect: String,
+    /// Host name for `Host` and TLS SNI (`issuer`'s host).
+    pub name: String,
+    /// TLS client configuration; `None` for a relay without TLS.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The account ID.
+    id: String,
+    /// The account's TOTP.
+    totp: Totp,
+}
+
+/// Why a registration did not give a plug.
+#[derive(Debug)]
+pub enum RegisterError {
+    /// The relay answered something else than 200.
+    Refused {
+        /// Its status.
+        status: u16,
+        /// `Retry-After`, seconds.
+        retry_after: Option<u64>,
+        /// `Location` of a 3xx.
+        location: Option<String>,
+        /// First line of its body.
+        body: String,
+    },
+    /// Network or TLS failure.
+    Net(Error),
+}
+
+impl std::fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegisterError::Refused { status, body, .. } => {
+                write!(f, "relay answered {status}: {body}")
+            }
+            RegisterError::Net(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Registrar {
+    /// From a provisioning file: trusts exactly its `ca` when it has one, else the
+    /// system roots; plain HTTP when its `issuer` is `http://`.
+    pub fn from_provision(p: &Provision) -> Result<Registrar> {
+        let tls = if p.issuer.starts_with("http://") {
+            None
+        } else {
+            Some(crate::cert::client_config(p.server.ca.as_deref())?)
+        };
+        let host = &p.server.hostname;
+        let connect = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{}", p.server.port)
+        } else {
+            format!("{host}:{}", p.server.port)
+        };
+        Ok(Registrar {
+            connect,
+            name: p.registrar_name().to_string(),
+            tls,
+            id: p.id().to_string(),
+            totp: p.totp()?,
+        })
+    }
+
+    /// Registers `label` and returns the plug's address, following redirects.
+    pub fn register(&self, label: &str) -> std::result::Result<SocketAddr, RegisterError> {
+        let mut target = (self.connect.clone(), self.name.clone());
+        for _ in 0..=MAX_REDIRECTS {
+            match self.register_at(&target.0, &target.1, label) {
+                Err(RegisterError::Refused {
+                    status: 301 | 302 | 303 | 307 | 308,
+                    location: Some(loc),
+                    ..
+                }) => {
+                    target = parse_location(&loc).ok_or_else(|| {
+                        RegisterError::Net(Error::BadRequest(format!("bad Location {loc:?}")))
+                    })?;
+                    log::info!("registration redirected to {}", target.0);
+                }
+                other => return other,
+            }
+        }
+        Err(RegisterError::Net(Error::BadRequest(
+            "too many redirects".into(),
+        )))
+    }
+
+    fn register_at(
+        &self,
+        connect: &str,
+        name: &str,
+        label: &str,
+    ) -> std::result::Result<SocketAddr, RegisterError> {
+        let net = RegisterError::Net;
+        let token = self.totp.generate(crate::unix_time());
+        let request = format!(
+            "PUT /register/{label} HTTP/1.1\r\nHost: {name}\r\nAuthorization: TOTP username=\"{}\", response=\"{token}\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.id
+        );
+        let answer = exchange(connect, name, self.tls.as_ref(), request.as_bytes()).map_err(net)?;
+        let (status, headers, body) = parse_answer(&answer).map_err(net)?;
+        if status == 200 {
+            let addr = body.trim();
+            return addr
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| net(Error::BadRequest(format!("bad plug address {addr:?}"))));
+        }
+        let header = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
+        Err(RegisterError::Refused {
+            status,
+            retry_after: header("retry-after").and_then(|v| v.parse().ok()),
+            location: header("location"),
+            body: body.lines().next().unwrap_or("").to_string(),
+        })
+    }
+}
+
+/// `https://host[:port]/…` to (connect address, host name).
+fn parse_location(loc: &str) -> Option<(String, String)> {
+    let (scheme, rest) = loc.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let default = if scheme == "http" { 80 } else { 443 };
+    let name = match authority.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && !h.ends_with(':') => h,
+        _ => authority,
+    };
+    let connect = if name.len() == authority.len() {
+        format!("{authority}:{default}")
+    } else {
+        authority.to_string()
+    };
+    Some((connect, name.trim_matches(['[', ']']).to_string()))
+}
+
+/// One request, one answer (read to EOF, at most `MAX_ANSWER`), under one deadline.
+fn exchange(
+    connect: &str,
+    name: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    request: &[u8],
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + REGISTER_TIMEOUT;
+    let addr = connect
+        .to_socket_addrs()
+        .map_err(|e| Error::io("resolve registrar", e))?
+        .next()
+        .ok_or_else(|| Error::Usage(format!("{connect} has no address")))?;
+    let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| Error::io("connect to registrar", e))?;
+    let io = crate::http::DeadlineStream {
+        inner: tcp,
+        deadline,
+    };
+    let mut answer = Vec::new();
+    match tls {
+        Some(cfg) => {
+            let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+                .map_err(|e| Error::Tls(format!("{name}: {e}")))?;
+            let conn = rustls::ClientConnection::new(cfg.clone(), server_name)
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            let mut s = rustls::StreamOwned::new(conn, io);
+            s.write_all(request)
+                .map_err(|e| Error::io("registration", e))?;
+            read_capped(&mut s, &mut answer)?;
+        }
+        None => {
+            let mut s = io;
+            s.write_all(request)
+                .map_err(|e| Error::io("registration", e))?;
+            read_capped(&mut s, &mut answer)?;
+        }
+    }
+    Ok(answer)
+}
+
+fn read_capped(r: &mut impl Read, out: &mut Vec<u8>) -> Result<()> {
+    match r.take(MAX_ANSWER as u64).read_to_end(out) {
+        Ok(_) => Ok(()),
+        // A relay that closes without close_notify still sent a whole answer.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !out.is_empty() => Ok(()),
+        Err(e) => Err(Error::io("registration answer", e)),
+    }
+}
+
+/// Header names and values.
+type Headers = Vec<(String, String)>;
+
+/// Status, headers and body of an answer.
+fn parse_answer(bytes: &[u8]) -> Result<(u16, Headers, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; crate::http::MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let end = match resp.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => {
+            return Err(Error::BadRequest(
+                "the registrar's answer is not HTTP".into(),
+            ));
+        }
+    };
+    let list = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Ok((
+        resp.code.unwrap_or(0),
+        list,
+        String::from_utf8_lossy(&bytes[end..]).into_owned(),
+    ))
+}
+
+/// What `taas expose` was asked to do.
+#[derive(Clone)]
+pub struct ExposeConfig {
+    /// The label served.
+    pub label: String,
+    /// The local service, HOST:PORT.
+    pub to: String,
+    /// Registrations kept waiting.
+    pub pool: usize,
+    /// Connect to the local service before the mobile client speaks.
+    pub eager: bool,
+}
+
+/// A running agent; `stop` ends its slots within `WAIT_TICK` (pipes run on).
+pub struct Agent {
+    /// Set to stop.
+    stop: Arc<AtomicBool>,
+}
+
+impl Agent {
+    /// Starts `cfg.pool` slots.
+    pub fn start(registrar: Registrar, cfg: ExposeConfig) -> Result<Agent> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let registrar = Arc::new(registrar);
+        let cfg = Arc::new(cfg);
+        log::info!(
+            "exposing {} as {} via {} with {} waiting",
+            cfg.to,
+            cfg.label,
+            registrar.connect,
+            cfg.pool
+        );
+        for n in 0..cfg.pool {
+            let (r, c, s) = (registrar.clone(), cfg.clone(), stop.clone());
+            spawn("slot", AGENT_STACK, move || slot(n, &r, &c, &s))?;
+        }
+        Ok(Agent { stop })
+    }
+
+    /// Asks the slots to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A run of failures, logged at its start and then as a count.
+struct Failures {
+    /// Failures in a row.
+    count: u32,
+    /// When the run was last reported.
+    reported: Instant,
+}
+
+impl Failures {
+    fn note(&mut self, slot: usize, what: &str) {
+        self.count += 1;
+        if self.count == 1 {
+            log::warn!("slot {slot}: {what}; retrying");
+            self.reported = Instant::now();
+        } else if self.reported.elapsed() >= REPORT_EVERY {
+            log::warn!(
+                "slot {slot}: still failing after {} attempts: {what}",
+                self.count
+            );
+            self.reported = Instant::now();
+        }
+    }
+
+    fn success(&mut self, slot: usize) {
+        if self.count > 0 {
+            log::info!(
+                "slot {slot}: registered again after {} failures",
+                self.count
+            );
+        }
+        self.count = 0;
+    }
+
+    /// Exponential backoff with jitter: half to all of min(cap, first * 2^n).
+    fn backoff(&self) -> Duration {
+        let exp = FIRST_BACKOFF.saturating_mul(1 << self.count.min(10));
+        let full = exp.min(MAX_BACKOFF);
+        let mut r = [0u8; 1];
+        let _ = crate::store::random_bytes(&mut r);
+        full.mul_f64(0.5 + f64::from(r[0]) / 510.0)
+    }
+}
+
+/// Sleeps `d` in `WAIT_TICK` steps; false when asked to stop.
+fn pause(d: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        thread::sleep(left.min(WAIT_TICK));
+    }
+    false
+}
+
+fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) {
+    let mut failures = Failures {
+        count: 0,
+        reported: Instant::now(),
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let wait = match registrar.register(&cfg.label) {
+            Ok(plug) => match TcpStream::connect_timeout(&plug, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    failures.success(n);
+                    serve_one(n, stream, cfg, stop);
+                    continue;
+                }
+                Err(e) => {
+                    failures.note(n, &format!("plug {plug}: {e}"));
+                    failures.backoff()
+                }
+            },
+            Err(RegisterError::Refused {
+                status: status @ (401 | 403),
+                body,
+                ..
+            }) => {
+                failures.note(
+                    n,
+                    &format!(
+                        "relay answered {status} ({body}); a wrong clock is the usual cause: local time is {}",
+                        crate::logging::timestamp(std::time::SystemTime::now())
+                    ),
+                );
+                AUTH_RETRY
+            }
+            Err(RegisterError::Refused {
+                status: 429,
+                retry_after,
+                ..
+            }) => {
+                let secs = retry_after.unwrap_or(10);
+                failures.note(n, &format!("relay answered 429; waiting {secs} s"));
+                Duration::from_secs(secs).min(MAX_BACKOFF * 4)
+            }
+            Err(e) => {
+                failures.note(n, &e.to_string());
+                match &e {
+                    RegisterError::Refused {
+                        retry_after: Some(s),
+                        ..
+                    } => Duration::from_secs(*s)
+                        .max(failures.backoff())
+                        .min(MAX_BACKOFF),
+                    _ => failures.backoff(),
+                }
+            }
+        };
+        if !pause(wait, stop) {
+            return;
+        }
+    }
+}
+
+/// Waits on one responder connection until the mobile side speaks (or it ends),
+/// then hands it to a pipe thread.
+fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool) {
+    let early = if cfg.eager {
+        match connect_local(&cfg.to) {
+            Ok(local) => match (local.try_clone(), relayed.try_clone()) {
+                (Ok(l), Ok(r)) => {
+                    let _ = spawn("pipe-down", AGENT_STACK, move || {
+                        relay::one_way(l, r);
+                    });
+                    Some(local)
+                }
+                _ => None,
+            },
+            Err(e) => {
+                log::warn!("slot {n}: local service {}: {e}", cfg.to);
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let _ = relayed.set_read_timeout(Some(WAIT_TICK));
+    let mut byte = [0u8; 1];
+    loop {
+        match relayed.peek(&mut byte) {
+            Ok(0) => {
+                log::debug!("slot {n}: relay closed the waiting connection");
+                return;
+            }
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::debug!("slot {n}: waiting connection: {e}");
+                return;
+            }
+        }
+    }
+    let _ = relayed.set_read_timeout(None);
+    let peer = relayed
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let to = cfg.to.clone();
+    let spawned = spawn("pipe", AGENT_STACK, move || match early {
+        Some(local) => {
+            let (moved, _) = relay::one_way(relayed, local);
+            log::info!("pipe via {peer} to {to} done: {moved} up");
+        }
+        None => match connect_local(&to) {
+            Ok(local) => {
+                let (moved, err) = relay::run(relayed, local);
+                let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+                log::info!(
+                    "pipe via {peer} to {to}: {} up, {} down{how}",
+                    moved.up,
+                    moved.down
+                );
+            }
+            Err(e) => {
+                log::warn!("local service {to} unreachable: {e}; closed that mobile connection")
+            }
+        },
+    });
+    if let Err(e) = spawned {
+        log::error!("slot {n}: {e}");
+    }
+}
+
+fn connect_local(to: &str) -> Result<TcpStream> {
+    let addr = to
+        .to_socket_addrs()
+        .map_err(|e| Error::io("resolve --to", e))?
+        .next()
+        .ok_or_else(|| Error::Usage(format!("{to} has no address")))?;
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| Error::io("connect to local service", e))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            parse_location("https://reg.example.com:8443/register/x"),
+            Some(("reg.example.com:8443".into(), "reg.example.com".into()))
+        );
+        assert_eq!(
+            parse_location("https://reg.example.com/register/x"),
+            Some(("reg.example.com:443".into(), "reg.example.com".into()))
+        );
+        assert_eq!(parse_location("nonsense"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_cap() {
+        let mut f = Failures {
+            count: 0,
+            reported: Instant::now(),
+        };
+        let first = f.backoff();
+        assert!(first >= FIRST_BACKOFF / 2 && first <= FIRST_BACKOFF);
+        f.count = 30;
+        let capped = f.backoff();
+        assert!(capped >= MAX_BACKOFF / 2 && capped <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn answers_parse() {
+        let (s, h, b) =
+            parse_answer(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\n\r\nslow down\n")
+                .unwrap();
+        assert_eq!(s, 429);
+        assert_eq!(h[0], ("Retry-After".into(), "7".into()));
+        assert_eq!(b, "slow down\n");
+        assert!(parse_answer(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! End to end with real parts: `taas serve` and `taas expose` as processes, a local
+//! HTTPS service (TLS end to end: the relay never terminates it), and `curl -L` as
+//! the mobile client.
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::{free_port, taas, taas_bin, wait_until};
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A relay process on a fixed (free) port in `dir`, with `taas.toml` there.
+struct Setup {
+    dir: tempfile::TempDir,
+    port: u16,
+    config: PathBuf,
+    provision: PathBuf,
+    /// Relay certificate + hidden server certificate: what curl trusts.
+    bundle: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().display();
+    let config = dir.path().join("taas.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "port = {port}\nstore = \"file:{d}/accounts.json\"\ncert = \"{d}/r.crt\"\nkey = \"{d}/r.key\"\npair_wait = 2\n# 50 concurrent mobiles come from one address here.\nmax_connections_per_ip = 100\n"
+        ),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    assert!(taas(dir.path(), &["cert", "-c", c]).0);
+    let (ok, out, err) = taas(
+        dir.path(),
+        &[
+            "users",
+            "add",
+            "web",
+            "--out",
+            &format!("{d}/prov"),
+            "-c",
+            c,
+        ],
+    );
+    assert!(ok, "{err}");
+    let provision = PathBuf::from(out.lines().next().unwrap());
+    let bundle = dir.path().join("bundle.pem");
+    Setup {
+        port,
+        config,
+        provision,
+        bundle,
+        dir,
+    }
+}
+
+impl Setup {
+    fn serve(&self) -> Proc {
+        let child = Command::new(taas_bin())
+            .args(["serve", "-c", self.config.to_str().unwrap()])
+            .current_dir(self.dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let port = self.port;
+        assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+            ("127.0.0.1", port)
+        )
+        .is_ok()));
+        Proc(child)
+    }
+
+    fn expose(&self, provision: &Path, to: u16) -> Proc {
+        Proc(
+            Command::new(taas_bin())
+                .args([
+                    "expose",
+                    provision.to_str().unwrap(),
+                    "--to",
+                    &format!("127.0.0.1:{to}"),
+                    "--pool",
+                    "4",
+                ])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// One mobile fetch with curl -L; the body, or None.
+    fn fetch(&self, path: &str) -> Option<String> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-L",
+                "--max-time",
+                "10",
+                "--cacert",
+                self.bundle.to_str().unwrap(),
+                "--resolve",
+                &format!("web.taas.localhost:{}:127.0.0.1", self.port),
+                &format!("https://web.taas.localhost:{}{path}", self.port),
+            ])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "curl {path}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The HTTP status curl sees without following.
+    fn status(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                "--cacert",
+                self.bundle.to_str().unwrap(),
+                "--resolve",
+                &format!("web.taas.localhost:{}:127.0.0.1", self.port),
+                &format!("https://web.taas.localhost:{}/", self.port),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A local HTTPS service answering every request with its path; stops on drop.
+struct Service {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Service {
+    fn start(port: u16, bundle: &Path, relay_cert: &Path) -> Service {
+        let (cert, key) = taas::cert::generate(vec!["127.0.0.1".into()]).unwrap();
+        let mut pem = std::fs::read_to_string(relay_cert).unwrap();
+        pem.push_str(&cert);
+        std::fs::write(bundle, pem).unwrap();
+        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(tcp) = conn else { continue };
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                    let conn = rustls::ServerConnection::new(cfg).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        if tls.read(&mut b).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let line = String::from_utf8_lossy(&head);
+                    let path = line.split(' ').nth(1).unwrap_or("");
+                    let body = format!("hello from behind NAT: {path}");
+                    let _ = write!(
+                        tls,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        Service { port, stop }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn fetch_eventually(s: &Setup, path: &str, limit: Duration) -> bool {
+    let want = format!("hello from behind NAT: {path}");
+    wait_until(limit, || s.fetch(path).as_deref() == Some(want.as_str()))
+}
+
+#[test]
+fn sequential_and_concurrent_fetches_through_the_agent() {
+    let s = setup();
+    let _relay = s.serve();
+    let svc_port = free_port();
+    let _svc = Service::start(svc_port, &s.bundle, &s.dir.path().join("r.crt"));
+    let _agent = s.expose(&s.provision, svc_port);
+    assert!(
+        fetch_eventually(&s, "/first", Duration::from_secs(10)),
+        "first fetch never worked"
+    );
+    for i in 0..200 {
+        let path = format!("/seq/{i}?q={i}");
+        assert_eq!(
+            s.fetch(&path).as_deref(),
+            Some(format!("hello from behind NAT: {path}").as_str()),
+            "fetch {i}"
+        );
+    }
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            let (bundle, port) = (s.bundle.clone(), s.port);
+            std::thread::spawn(move || {
+                let s2 = Setup {
+                    dir: tempfile::tempdir().unwrap(),
+                    port,
+                    config: PathBuf::new(),
+                    provision: PathBuf::new(),
+                    bundle,
+                };
+                let path = format!("/par/{i}");
+                s2.fetch(&path) == Some(format!("hello from behind NAT: {path}"))
+            })
+        })
+        .collect();
+    let ok = handles
+        .into_iter()
+        .filter(|_| true)
+        .map(|h| h.join().unwrap())
+        .filter(|&b| b)
+        .count();
+    assert_eq!(ok, 50, "concurrent fetches that succeeded");
+}
+
+#[test]
+fn relay_restart_agent_death_and_service_outage() {
+    let s = setup();
+    let relay = s.serve();
+    let svc_port = free_port();
+    let svc = Service::start(svc_port, &s.bundle, &s.dir.path().join("r.crt"));
+    let agent = s.expose(&s.provision, svc_port);
+    assert!(fetch_eventually(&s, "/before", Duration::from_secs(10)));
+
+    // The relay restarts: the agent re-registers by itself.
+    drop(relay);
+    let _relay = s.serve();
+    assert!(
+        fetch_eventually(&s, "/after-restart", Duration::from_secs(10)),
+        "not back within 10 s of the restart"
+    );
+
+    // The local service goes away: fetches fail, and come back when it does.
+    drop(svc);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        s.fetch("/outage").is_none(),
+        "fetch succeeded with the service down"
+    );
+    let _svc = Service::start(svc_port, &s.bundle, &s.dir.path().join("r.crt"));
+    assert!(fetch_eventually(
+        &s,
+        "/service-back",
+        Duration::from_secs(10)
+    ));
+
+    // The agent dies: once its responders are found dead, mobiles get 503.
+    drop(agent);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.status() == "503"),
+        "no 503 after the agent died"
+    );
+}
+
+#[test]
+fn legacy_js_provisioning_file_works() {
+    let s = setup();
+    let _relay = s.serve();
+    let svc_port = free_port();
+    let _svc = Service::start(svc_port, &s.bundle, &s.dir.path().join("r.crt"));
+    let js = s.provision.with_extension("js");
+    assert!(
+        std::fs::read_to_string(&js)
+            .unwrap()
+            .starts_with("exports.params = {")
+    );
+    let _agent = s.expose(&js, svc_port);
+    assert!(fetch_eventually(&s, "/legacy", Duration::from_secs(10)));
+}
