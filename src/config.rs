@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::label;
+use crate::relay::Copier;
 use crate::store::StoreSpec;
 
 /// What `-c` falls back to when that file exists (INTERFACE.md).
@@ -79,6 +80,9 @@ pub struct Config {
     pub registrar_redirect: Option<String>,
     /// The status listener (`/metrics`, `/status`, `/ready`); off when unset.
     pub status_listen: Option<SocketAddr>,
+    /// How the relay copies: `splice(2)` (key `splice = true`, the default) or
+    /// `std::io::copy`.
+    pub copier: Copier,
 }
 
 /// The file as written, every key optional. Unknown keys are refused by serde,
@@ -112,6 +116,7 @@ struct RawConfig {
     shutdown_grace: Option<f64>,
     registrar_redirect: Option<String>,
     status_listen: Option<String>,
+    splice: Option<bool>,
 }
 
 impl Default for Config {
@@ -266,6 +271,11 @@ impl Config {
             shutdown_grace: seconds("shutdown_grace", raw.shutdown_grace, 10.0)?,
             registrar_redirect,
             status_listen,
+            copier: if raw.splice.unwrap_or(true) {
+                Copier::Splice
+            } else {
+                Copier::Copy
+            },
         })
     }
 

@@ -165,7 +165,7 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();
-    let (moved, err) = relay::run(mobile, hidden);
+    let (moved, err) = relay::run(mobile, hidden, shared.config.copier);
     shared.metrics.pair_closed(moved.up, moved.down);
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
     log::info!(

@@ -656,6 +656,7 @@ pub fn run(config: Config) -> Result<()> {
     if !config.tls {
         log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");
     }
+    raise_fd_limit();
     let grace = config.shutdown_grace;
     let server = Server::bind(config)?;
     let c = &server.shared.config;
@@ -692,6 +693,20 @@ pub fn run(config: Config) -> Result<()> {
     server.shutdown(grace);
     log::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: every relayed pair holds
+/// two sockets and two pipes (six descriptors).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!("open files limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open files limit stays {soft}: {e}"),
+        },
+        Ok((soft, _)) => log::info!("open files limit {soft}"),
+        Err(e) => log::warn!("open files limit unknown: {e}"),
+    }
 }
 
 /// Blocks until SIGTERM or SIGINT; SIGHUP reopens the log file meanwhile.
