@@ -212,6 +212,7 @@ fn exchange(
         .ok_or_else(|| Error::Usage(format!("{connect} has no address")))?;
     let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|e| Error::io("connect to registrar", e))?;
+    let _ = tcp.set_nodelay(true);
     let io = crate::http::DeadlineStream {
         inner: tcp,
         deadline,
@@ -454,7 +455,7 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
             Ok(local) => match (local.try_clone(), relayed.try_clone()) {
                 (Ok(l), Ok(r)) => {
                     let _ = spawn("pipe-down", AGENT_STACK, move || {
-                        relay::one_way(l, r, relay::Copier::Splice);
+                        relay::one_way(&l, &r, relay::Copier::Splice);
                     });
                     Some(local)
                 }
@@ -500,12 +501,13 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
     let to = cfg.to.clone();
     let spawned = spawn("pipe", AGENT_STACK, move || match early {
         Some(local) => {
-            let (moved, _) = relay::one_way(relayed, local, relay::Copier::Splice);
+            let (moved, _) = relay::one_way(&relayed, &local, relay::Copier::Splice);
             log::info!("pipe via {peer} to {to} done: {moved} up");
         }
         None => match connect_local(&to) {
             Ok(local) => {
-                let (moved, err) = relay::run(relayed, local, relay::Copier::Splice);
+                let (moved, err) =
+                    relay::run(Arc::new(relayed), Arc::new(local), relay::Copier::Splice);
                 let how = err.map_or_else(String::new, |e| format!(" ({e})"));
                 log::info!(
                     "pipe via {peer} to {to}: {} up, {} down{how}",

@@ -99,26 +99,28 @@ pub fn read_head(r: &mut impl Read, max_head: usize) -> Result<Head> {
                 "connection closed before the end of the head".into(),
             ));
         }
-        let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_end(&buf[from..]) {
-            return parse_head(&buf[..from + end]);
+        // httparse says whether the head is complete (CRLF or bare LF line ends),
+        // still partial, or already wrong: garbage is answered at once, not left
+        // to run out the deadline.
+        if let Some(head) = parse_head(&buf)? {
+            return Ok(head);
         }
     }
 }
 
-/// Offset just past the first blank line (`\r\n\r\n`), if any.
-fn find_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// Parses a complete head with httparse.
-pub fn parse_head(bytes: &[u8]) -> Result<Head> {
+/// Parses a head with httparse: `None` while it is incomplete.
+pub fn parse_head(bytes: &[u8]) -> Result<Option<Head>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(Error::BadRequest("incomplete head".into())),
+        // httparse skips blank lines before the request line; a head made of
+        // nothing else would wait for the deadline, so it is refused at once.
+        Ok(httparse::Status::Partial) if only_blank_lines(bytes) => {
+            return Err(Error::BadRequest("empty request line".into()));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::HeadTooLarge(bytes.len())),
         Err(e) => return Err(Error::BadRequest(format!("not HTTP/1.x: {e}"))),
     }
@@ -145,7 +147,13 @@ pub fn parse_head(bytes: &[u8]) -> Result<Head> {
             .map_err(|_| Error::BadRequest(format!("{} header is not text", h.name)))?;
         *slot = Some(value.trim().to_string());
     }
-    Ok(head)
+    Ok(Some(head))
+}
+
+/// True when `bytes` hold two or more line ends and nothing else.
+fn only_blank_lines(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| matches!(b, b'\r' | b'\n'))
+        && bytes.iter().filter(|&&b| b == b'\n').count() >= 2
 }
 
 /// An answer: status, extra headers, body. Every answer closes the connection.
@@ -256,6 +264,7 @@ mod tests {
         let h = parse_head(
             b"PUT /register/demo?x=1 HTTP/1.1\r\nHost: Registrar.Localhost:8443\r\nAuthorization: TOTP username=a, response=1\r\n\r\n",
         )
+        .unwrap()
         .unwrap();
         assert_eq!(h.method, "PUT");
         assert_eq!(h.path(), "/register/demo");

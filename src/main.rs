@@ -135,12 +135,44 @@ struct Token {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("taas: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// argh's parse, with its errors folded into one line (INTERFACE.md: one clear
+/// line on failure); `--help` goes to stdout and exits 0.
+fn parse_args() -> std::result::Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .map_or("taas", |a| a.rsplit('/').next().unwrap_or(a));
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match Cli::from_args(&[name], &rest) {
+        Ok(cli) => Ok(cli),
+        Err(argh::EarlyExit {
+            output,
+            status: Ok(()),
+        }) => {
+            println!("{output}");
+            Err(ExitCode::SUCCESS)
+        }
+        Err(argh::EarlyExit { output, .. }) => {
+            let line: Vec<&str> = output
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Run "))
+                .collect();
+            eprintln!("taas: {}", line.join("; "));
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -207,8 +239,8 @@ fn users_add(a: &UsersAdd) -> Result<()> {
     let (config, store) = open_store(a.config.as_deref())?;
     // The provisioning file carries the relay's certificate: make it now when the
     // defaults are in use, as `taas serve` would on first start.
-    taas::cert::ensure_default(&config)?;
     let account = Account::new(a.id.as_deref(), std::slice::from_ref(&a.label))?;
+    taas::cert::ensure_default(&config)?;
     let provision = taas::provision::Provision::new(&account, &config)?;
     store.insert(&account)?;
     let (json, js) = match provision.write(&a.out) {

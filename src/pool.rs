@@ -47,16 +47,22 @@ impl Responder {
     /// Is the peer still there? A non-blocking peek: EOF or an error means no;
     /// no data (`WouldBlock`) or early data means yes. Nothing is consumed.
     pub fn is_alive(&self) -> bool {
-        if self.stream.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let alive = match self.stream.peek(&mut [0u8; 1]) {
-            Ok(0) => false,
-            Ok(_) => true,
-            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-        };
-        alive && self.stream.set_nonblocking(false).is_ok()
+        is_alive(&self.stream)
     }
+}
+
+/// Is the peer of `stream` still there? A non-blocking peek: EOF or an error
+/// means no; no data (`WouldBlock`) or data means yes. Nothing is consumed.
+pub fn is_alive(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let alive = match stream.peek(&mut [0u8; 1]) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    };
+    alive && stream.set_nonblocking(false).is_ok()
 }
 
 /// Turns on TCP keepalive with the short intervals above, so a peer that vanished

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
 use std::thread;
 
 /// Stack of the helper thread that copies the second direction: `io::copy` needs
@@ -44,18 +45,17 @@ pub struct Moved {
 
 /// Copies `mobile` ⇄ `hidden` until both directions end; returns the octets moved.
 /// The first error met, if any, is returned with the counts so far.
-pub fn run(mobile: TcpStream, hidden: TcpStream, copier: Copier) -> (Moved, Option<io::Error>) {
-    let (mobile2, hidden2) = match (mobile.try_clone(), hidden.try_clone()) {
-        (Ok(m), Ok(h)) => (m, h),
-        (Err(e), _) | (_, Err(e)) => {
-            close_both(&mobile, &hidden);
-            return (Moved::default(), Some(e));
-        }
-    };
+pub fn run(
+    mobile: Arc<TcpStream>,
+    hidden: Arc<TcpStream>,
+    copier: Copier,
+) -> (Moved, Option<io::Error>) {
+    // Both threads use both sockets through `&TcpStream` (no dup'ed descriptors).
+    let (m, h) = (mobile.clone(), hidden.clone());
     let down = thread::Builder::new()
         .name("relay-down".into())
         .stack_size(COPY_STACK)
-        .spawn(move || one_way(hidden2, mobile2, copier));
+        .spawn(move || one_way(&h, &m, copier));
     let down = match down {
         Ok(handle) => handle,
         Err(e) => {
@@ -63,7 +63,7 @@ pub fn run(mobile: TcpStream, hidden: TcpStream, copier: Copier) -> (Moved, Opti
             return (Moved::default(), Some(e));
         }
     };
-    let (up, up_err) = one_way(mobile, hidden, copier);
+    let (up, up_err) = one_way(&mobile, &hidden, copier);
     let (down, down_err) = down
         .join()
         .unwrap_or_else(|_| (0, Some(io::Error::other("relay thread panicked"))));
@@ -72,10 +72,10 @@ pub fn run(mobile: TcpStream, hidden: TcpStream, copier: Copier) -> (Moved, Opti
 
 /// Copies `from` to `to`; at EOF half-closes `to`, on error closes both. Returns
 /// the octets copied and the error, if any.
-pub fn one_way(mut from: TcpStream, mut to: TcpStream, copier: Copier) -> (u64, Option<io::Error>) {
+pub fn one_way(from: &TcpStream, to: &TcpStream, copier: Copier) -> (u64, Option<io::Error>) {
     let mut count = 0;
     let mut result = match copier {
-        Copier::Splice => splice::copy(&from, &to, &mut count),
+        Copier::Splice => splice::copy(from, to, &mut count),
         Copier::Copy => Err(splice::Refused.into()),
     };
     if let Err(e) = &result
@@ -83,10 +83,10 @@ pub fn one_way(mut from: TcpStream, mut to: TcpStream, copier: Copier) -> (u64, 
         && count == 0
     {
         let mut counter = Counting {
-            inner: &mut from,
+            inner: from,
             count: 0,
         };
-        result = io::copy(&mut counter, &mut to).map(|_| ());
+        result = io::copy(&mut counter, &mut &*to).map(|_| ());
         count = counter.count;
     }
     match result {
@@ -96,7 +96,7 @@ pub fn one_way(mut from: TcpStream, mut to: TcpStream, copier: Copier) -> (u64, 
             (count, None)
         }
         Err(e) => {
-            close_both(&from, &to);
+            close_both(from, to);
             (count, Some(e))
         }
     }
@@ -203,13 +203,13 @@ fn close_both(a: &TcpStream, b: &TcpStream) {
 
 /// A reader that counts what it reads (so a failed copy still reports octets).
 struct Counting<'a> {
-    inner: &'a mut TcpStream,
+    inner: &'a TcpStream,
     count: u64,
 }
 
 impl io::Read for Counting<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = (&mut &*self.inner).read(buf)?;
         self.count += n as u64;
         Ok(n)
     }
@@ -237,7 +237,7 @@ mod tests {
     fn half_close(copier: Copier) {
         let (mut mobile, mobile_relay) = connected();
         let (hidden_relay, mut hidden) = connected();
-        let t = thread::spawn(move || run(mobile_relay, hidden_relay, copier));
+        let t = thread::spawn(move || run(Arc::new(mobile_relay), Arc::new(hidden_relay), copier));
         mobile.write_all(b"request").unwrap();
         mobile.shutdown(Shutdown::Write).unwrap();
         let mut got = Vec::new();
@@ -279,7 +279,8 @@ mod tests {
         for copier in [Copier::Splice, Copier::Copy] {
             let (mobile, mobile_relay) = connected();
             let (hidden_relay, hidden) = connected();
-            let t = thread::spawn(move || run(mobile_relay, hidden_relay, copier));
+            let t =
+                thread::spawn(move || run(Arc::new(mobile_relay), Arc::new(hidden_relay), copier));
             let mut readers = Vec::new();
             for (mut w, mut r) in [
                 (mobile.try_clone().unwrap(), hidden.try_clone().unwrap()),

@@ -144,11 +144,18 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
         shared.metrics.refused("pair_wait");
         return;
     };
+    if !pool::is_alive(&mobile) {
+        // The mobile client left while waiting: the responder is not spent.
+        log::info!("{}: {peer} left before pairing; responder kept", label.name);
+        label.push(responder);
+        return;
+    }
     let hidden = responder.stream;
     for s in [&mobile, &hidden] {
         let _ = s.set_nodelay(true);
         let _ = pool::set_keepalive(s);
     }
+    let (mobile, hidden) = (Arc::new(mobile), Arc::new(hidden));
     permit.attach(&mobile, &hidden);
     let record = Pairing {
         responder: pool::ip_port(responder.peer),

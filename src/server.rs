@@ -118,6 +118,11 @@ pub fn wake(addr: SocketAddr) {
     let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), Duration::from_secs(1));
 }
 
+/// A pair's two sockets, shared with its relay threads.
+type PairSockets = (Arc<TcpStream>, Arc<TcpStream>);
+/// Live pairs by id; `None` until the pair's sockets are attached.
+type LivePairs = HashMap<u64, Option<PairSockets>>;
+
 /// Live pairs (and mobile connections waiting to be paired), capped at `max`.
 pub struct Pairs {
     /// Cap (`max_pairs`).
@@ -125,7 +130,7 @@ pub struct Pairs {
     /// Next permit number.
     next: AtomicU64,
     /// Permit number to the pair's sockets (once paired).
-    live: Mutex<HashMap<u64, Option<(TcpStream, TcpStream)>>>,
+    live: Mutex<LivePairs>,
 }
 
 impl Pairs {
@@ -177,28 +182,22 @@ pub struct PairPermit {
 
 impl PairPermit {
     /// Records the pair's sockets so shutdown can close them.
-    pub fn attach(&self, a: &TcpStream, b: &TcpStream) {
-        if let (Ok(a), Ok(b)) = (a.try_clone(), b.try_clone()) {
-            let mut live = self
-                .shared
-                .pairs
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            live.insert(self.id, Some((a, b)));
-        }
+    pub fn attach(&self, a: &Arc<TcpStream>, b: &Arc<TcpStream>) {
+        self.live().insert(self.id, Some((a.clone(), b.clone())));
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, LivePairs> {
+        self.shared
+            .pairs
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Drop for PairPermit {
     fn drop(&mut self) {
-        let mut live = self
-            .shared
-            .pairs
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        live.remove(&self.id);
+        self.live().remove(&self.id);
     }
 }
 
@@ -289,7 +288,9 @@ pub enum Route {
 
 /// Routes a `Host` value: case-insensitive, any `:port` ignored.
 pub fn route(host: Option<&str>, config: &Config) -> Result<Route> {
-    let host = host.ok_or_else(|| Error::BadRequest("no Host header".into()))?;
+    let host = host
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| Error::BadRequest("no Host header".into()))?;
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
@@ -322,6 +323,10 @@ pub struct Server {
     housekeeper_stop: Mutex<Option<Sender<()>>>,
     /// The housekeeper.
     housekeeper: Mutex<Option<JoinHandle<()>>>,
+    /// The status listener, when `status_listen` is set.
+    status: Mutex<Option<crate::status::StatusServer>>,
+    /// Its address.
+    status_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -376,7 +381,13 @@ impl Server {
                 }
             })
             .map_err(|e| Error::io("spawn thread", e))?;
+        let status = match shared.config.status_listen {
+            Some(addr) => Some(crate::status::StatusServer::bind(addr, shared.clone())?),
+            None => None,
+        };
         Ok(Server {
+            status_addr: status.as_ref().map(|s| s.local_addr()),
+            status: Mutex::new(status),
             shared,
             local_addr,
             accept: Mutex::new(Some(accept)),
@@ -390,6 +401,11 @@ impl Server {
         self.local_addr
     }
 
+    /// The status listener's address, when `status_listen` is set.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
+    }
+
     /// The state shared by the relay's threads (status pages, tests).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -401,6 +417,7 @@ impl Server {
         if self.shared.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
+        drop(self.status.lock().unwrap_or_else(|p| p.into_inner()).take());
         wake(self.local_addr);
         if let Some(h) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
@@ -501,6 +518,9 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
 
 /// One connection on the well-known port: handshake, head, answer, close.
 fn handle_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    // Handshake flights, the answer and close_notify are small writes in a row:
+    // without this, Nagle holds each one for the peer's delayed ACK (~40 ms).
+    let _ = tcp.set_nodelay(true);
     let io = DeadlineStream {
         inner: tcp,
         deadline: Instant::now() + shared.config.head_timeout,
@@ -677,19 +697,11 @@ pub fn run(config: Config) -> Result<()> {
         Ok(list) => log::info!("{} accounts", list.len()),
         Err(e) => log::warn!("{e}"),
     }
-    let status = match c.status_listen {
-        Some(addr) => Some(crate::status::StatusServer::bind(
-            addr,
-            server.shared().clone(),
-        )?),
-        None => None,
-    };
     wait_for_signal()?;
     log::info!(
         "stopping: live pairs have {} s to finish",
         grace.as_secs_f64()
     );
-    drop(status);
     server.shutdown(grace);
     log::info!("stopped");
     Ok(())

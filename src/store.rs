@@ -29,6 +29,12 @@ use crate::totp::{Algorithm, Totp};
 
 /// Redis connect, read and write timeout.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The Redis key that serialises account writes (not an account: not JSON).
+pub const WRITE_LOCK: &str = "taas:write-lock";
+/// A write lock left by a dead writer expires after this long.
+const LOCK_TTL: Duration = Duration::from_secs(5);
+/// How long a writer waits for the lock before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Keys fetched per Redis `SCAN` round.
 const SCAN_COUNT: usize = 200;
 
@@ -263,12 +269,12 @@ impl Store {
                 map.insert(account.uuid.clone(), account.clone());
                 Ok(())
             }),
-            Store::Redis(s) => {
+            Store::Redis(s) => s.locked(|| {
                 let all = s.list()?;
                 let exists = all.iter().any(|a| a.uuid == account.uuid);
                 check_write(all.iter(), account, new, exists)?;
                 s.set(account, new)
-            }
+            }),
         }
     }
 
@@ -346,7 +352,13 @@ impl FileStore {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AccountMap::new()),
-            Err(e) => return Err(Error::file(&self.path, "read", e)),
+            // Out of descriptors, a vanished disk…: unreachable, 503 (not 500).
+            Err(e) => {
+                return Err(Error::StoreUnavailable(format!(
+                    "{}: {e}",
+                    self.path.display()
+                )));
+            }
         };
         if text.trim().is_empty() {
             return Ok(AccountMap::new());
@@ -518,6 +530,52 @@ impl RedisStore {
     fn ping(&self) -> Result<()> {
         self.with(|c| redis::cmd("PING").query::<String>(c))
             .map(|_| ())
+    }
+
+    /// Runs `f` holding the store's write lock (`WRITE_LOCK`, `SET NX PX`), so the
+    /// label check and the write of two writers never interleave. The lock
+    /// expires by itself after `LOCK_TTL` if its holder dies; it is released
+    /// only by its holder (compare-and-delete in one Lua script).
+    fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut token = [0u8; 16];
+        random_bytes(&mut token)?;
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        let ttl = LOCK_TTL.as_millis() as u64;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let got: Option<String> = self.with(|c| {
+                redis::cmd("SET")
+                    .arg(WRITE_LOCK)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query(c)
+            })?;
+            if got.is_some() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::StoreUnavailable(format!(
+                    "redis {}: write lock {WRITE_LOCK} held elsewhere for {} s",
+                    self.addr,
+                    LOCK_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let result = f();
+        let release = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                       return redis.call('DEL', KEYS[1]) else return 0 end";
+        let _ = self.with(|c| {
+            redis::cmd("EVAL")
+                .arg(release)
+                .arg(1)
+                .arg(WRITE_LOCK)
+                .arg(&token)
+                .query::<i64>(c)
+        });
+        result
     }
 
     fn get(&self, id: &str) -> Result<Option<Account>> {

@@ -376,3 +376,180 @@ pub fn socket_pair() -> (TcpStream, TcpStream) {
 pub fn client_tls(pem: &str) -> Arc<rustls::ClientConfig> {
     taas::cert::client_config(Some(pem)).unwrap()
 }
+
+// Helpers for the registrar, rendezvous and hostile tests.
+
+/// Is a TCP socket listening on `port` (any local address)? Read from
+/// `/proc/net/tcp{,6}`, so asking does not connect: a connection would count as a
+/// use of a rendezvous port, or be taken by a plug.
+pub fn is_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| {
+        std::fs::read_to_string(path).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
+        })
+    })
+}
+
+/// A TCP connection to `to` from the local address `from` (e.g. 127.0.0.2, to
+/// play another host on loopback).
+pub fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// A TLS client stream to the relay (handshake done on first write or read).
+pub fn tls_stream(
+    pem: &str,
+    sni: &str,
+    tcp: TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(client_tls(pem), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Like `TestRelay::raw`, optionally from another local address, and returning
+/// I/O errors instead of panicking (for probes of a relay that may refuse).
+pub fn try_raw(
+    relay: &TestRelay,
+    from: Option<std::net::IpAddr>,
+    sni: &str,
+    bytes: &[u8],
+) -> std::io::Result<Reply> {
+    let tcp = match from {
+        Some(ip) => connect_from(ip, relay.addr)?,
+        None => TcpStream::connect(relay.addr)?,
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut text = Vec::new();
+    let read = match &relay.cert_pem {
+        Some(pem) => {
+            let mut tls = tls_stream(pem, sni, tcp);
+            tls.write_all(bytes)?;
+            tls.flush()?;
+            tls.read_to_end(&mut text)
+        }
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(bytes)?;
+            tcp.read_to_end(&mut text)
+        }
+    };
+    match read {
+        Err(e) if text.is_empty() => Err(e),
+        _ => Ok(Reply::parse(&text)),
+    }
+}
+
+/// Reads until the peer closes (EOF, reset, or a TLS stream cut without
+/// close_notify) and returns what came; `Err` when the read timeout set on the
+/// socket passed first. At most 64 MiB are read.
+pub fn read_until_closed(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    use std::io::ErrorKind;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while got.len() < 64 << 20 {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(e);
+            }
+            Err(_) => return Ok(got),
+        }
+    }
+    Err(std::io::Error::other("peer kept sending"))
+}
+
+/// One counter or gauge of the relay's metrics, e.g.
+/// `taas_refusals_total{limit="plug_same_ip"}`; 0 when absent.
+pub fn metric(relay: &TestRelay, name: &str) -> u64 {
+    relay
+        .server
+        .shared()
+        .metrics
+        .render(&[])
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs `curl ARGS`; returns (exit ok, stdout, stderr).
+pub fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl")
+        .args(["--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Open file descriptors of this process.
+pub fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Threads of this process.
+pub fn count_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Runs `cmd` with stdin empty and stdout and stderr captured (in files, so a
+/// chatty child never blocks on a full pipe), killing it if it still runs after
+/// `limit`; returns (exit ok, stdout, stderr). A killed run is not ok, and its
+/// stderr ends with a line saying so.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn");
+    let end = Instant::now() + limit;
+    let ok = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status.success());
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
+    let (stdout, mut stderr) = (read(&out), read(&err));
+    if ok.is_none() {
+        stderr.push_str(&format!("(test support: killed after {limit:?})\n"));
+    }
+    (ok == Some(true), stdout, stderr)
+}
+
+/// `taas ARGS` in `dir`, as `taas` does, but killed if it runs past `limit`.
+pub fn taas_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, String, String) {
+    run_within(
+        Command::new(taas_bin())
+            .args(args)
+            .current_dir(dir)
+            .env_remove("RUST_LOG"),
+        limit,
+    )
+}

@@ -1,0 +1,507 @@
+//! Rendezvous, plugs, pools and the relay over loopback (PROTOCOL.md sections 1
+//! to 3): the 307 and its refusals, the plug's one connection and same-IP rule,
+//! `plug_timeout`, eviction, dead responders, FIFO order, the rendezvous port's
+//! reuse and idle close, `pair_wait`, a byte-exact relay of 16 MiB each way at
+//! once, and half-closes.
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use support::{TestRelay, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn host(label: &str) -> String {
+    format!("{label}.taas.localhost")
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+fn expect(s: &mut TcpStream, want: &[u8]) {
+    let mut buf = vec![0u8; want.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, want);
+}
+
+/// The peer closed `s` (EOF or reset) before its read timeout, sending nothing.
+fn assert_closed(s: &mut TcpStream) {
+    let got = support::read_until_closed(s).expect("expected the relay to close the connection");
+    assert!(got.is_empty(), "unexpected bytes {got:?}");
+}
+
+/// The port of a 200's `HOST:PORT` body.
+fn plug_port(body: &str) -> u16 {
+    body.trim().rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn redirect_location_is_built_from_config_with_path_and_query() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let _hidden = relay.responder(&p, "demo");
+    let head = "GET /some/path?a=1&b=two HTTP/1.1\r\nHost: Demo.Taas.Localhost:9999\r\n\r\n";
+    let r = relay.raw(&host("demo"), head.as_bytes());
+    assert_eq!(r.status, 307, "{r:?}");
+    assert_eq!(r.header("content-length"), Some("0"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.body, "");
+    let location = r.header("location").unwrap();
+    let rest = location.strip_prefix("https://127.0.0.1:").unwrap();
+    let (q, path) = rest.split_once('/').unwrap();
+    assert_eq!(path, "some/path?a=1&b=two");
+    let q: u16 = q.parse().unwrap();
+    assert_ne!(q, 9999);
+    assert!((20000..=29999).contains(&q));
+    assert!(support::is_listening(q));
+    // Any method.
+    let r = relay.request("DELETE", &host("demo"), "/x", None);
+    assert_eq!(r.status, 307, "{r:?}");
+}
+
+#[test]
+fn valid_label_with_nothing_waiting_is_503_with_retry_after() {
+    let relay = TestRelay::start("plug_timeout = 0.5\npair_wait = 0.5");
+    let p = relay.add_account("demo");
+    // Never registered.
+    let r = relay.request("GET", &host("demo"), "/", None);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("connection"), Some("close"));
+    // Registered, but the plug timed out with no responder.
+    assert_eq!(relay.register(&p, "demo").status, 200);
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_refusals_total{limit=\"plug_timeout\"}"
+    ) == 1));
+    let r = relay.request("GET", &host("demo"), "/", None);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+}
+
+#[test]
+fn foreign_host_is_421() {
+    let relay = TestRelay::start("");
+    for h in [
+        "example.com",
+        "a.b.taas.localhost",
+        "taas.localhost",
+        "-x.taas.localhost",
+    ] {
+        let head = format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n");
+        let r = relay.raw(&host("demo"), head.as_bytes());
+        assert_eq!(r.status, 421, "{h}: {r:?}");
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+}
+
+#[test]
+fn no_host_is_400() {
+    let relay = TestRelay::start("");
+    let r = relay.raw(&host("demo"), b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+#[test]
+fn plug_accepts_exactly_one_connection() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let r = relay.register(&p, "demo");
+    assert_eq!(r.status, 200);
+    let port = plug_port(&r.body);
+    let _first = connect(r.body.trim().parse().unwrap());
+    assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
+    assert!(
+        wait_until(LIMIT, || !support::is_listening(port)),
+        "plug still listening after its one connection"
+    );
+    match TcpStream::connect(("127.0.0.1", port)) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused),
+        Ok(mut second) => {
+            second
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            assert_closed(&mut second);
+        }
+    }
+    assert_eq!(relay.waiting("demo"), 1);
+}
+
+#[test]
+fn plug_closes_a_connection_from_another_address_and_keeps_waiting() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let r = relay.register(&p, "demo");
+    assert_eq!(r.status, 200);
+    let plug: SocketAddr = r.body.trim().parse().unwrap();
+    let stranger: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut intruder = support::connect_from(stranger, plug).unwrap();
+    intruder
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_closed(&mut intruder);
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_refusals_total{limit=\"plug_same_ip\"}"
+    ) == 1));
+    assert_eq!(relay.waiting("demo"), 0);
+    assert!(support::is_listening(plug.port()), "plug gave up");
+    // The registering address still gets in, and is the one paired.
+    let mut hidden = connect(plug);
+    assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobile = connect(q);
+    mobile.write_all(b"hi").unwrap();
+    expect(&mut hidden, b"hi");
+}
+
+#[test]
+fn registration_from_another_address_is_plugged_from_that_address() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let head = format!(
+        "PUT /register/demo HTTP/1.1\r\nHost: registrar.localhost\r\nAuthorization: {}\r\n\r\n",
+        TestRelay::auth(&p)
+    );
+    let r = support::try_raw(&relay, Some(other), "registrar.localhost", head.as_bytes()).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let plug: SocketAddr = r.body.trim().parse().unwrap();
+    // 127.0.0.1 is now the stranger.
+    let mut wrong = connect(plug);
+    assert_closed(&mut wrong);
+    assert_eq!(relay.waiting("demo"), 0);
+    let _hidden = support::connect_from(other, plug).unwrap();
+    assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
+}
+
+#[test]
+fn plug_stops_listening_after_plug_timeout() {
+    let relay = TestRelay::start("plug_timeout = 1");
+    let p = relay.add_account("demo");
+    let r = relay.register(&p, "demo");
+    assert_eq!(r.status, 200);
+    let port = plug_port(&r.body);
+    assert!(support::is_listening(port));
+    assert!(
+        wait_until(LIMIT, || !support::is_listening(port)),
+        "plug {port} still listening"
+    );
+    assert_eq!(
+        TcpStream::connect(("127.0.0.1", port)).unwrap_err().kind(),
+        ErrorKind::ConnectionRefused
+    );
+    assert_eq!(relay.waiting("demo"), 0);
+    assert_eq!(
+        support::metric(&relay, "taas_refusals_total{limit=\"plug_timeout\"}"),
+        1
+    );
+}
+
+#[test]
+fn full_pool_evicts_the_oldest() {
+    let relay = TestRelay::start("max_waiting = 2");
+    let p = relay.add_account("demo");
+    let mut h1 = relay.responder(&p, "demo");
+    let mut h2 = relay.responder(&p, "demo");
+    let mut h3 = relay.responder(&p, "demo");
+    assert_closed(&mut h1);
+    assert_eq!(relay.waiting("demo"), 2);
+    // The two left are paired in order.
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut m2 = connect(q);
+    m2.write_all(b"two").unwrap();
+    expect(&mut h2, b"two");
+    let mut m3 = connect(q);
+    m3.write_all(b"three").unwrap();
+    expect(&mut h3, b"three");
+}
+
+#[test]
+fn dead_responders_are_never_paired() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let closed = relay.responder(&p, "demo");
+    let reset = relay.responder(&p, "demo");
+    let mut live = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    // One closes with FIN, one with RST, after the 307 was given out.
+    drop(closed);
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    let mut mobile = connect(q);
+    mobile.write_all(b"alive?").unwrap();
+    expect(&mut live, b"alive?");
+    live.write_all(b"yes").unwrap();
+    expect(&mut mobile, b"yes");
+}
+
+#[test]
+fn rendezvous_port_is_reused_while_open_and_closed_when_idle() {
+    let relay = TestRelay::start("rendezvous_idle = 1\npair_wait = 0.5");
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/a").unwrap();
+    let again = relay.rendezvous("demo", "/b").unwrap();
+    assert_eq!(q, again, "one rendezvous port per label while open");
+    {
+        let mut mobile = connect(q);
+        mobile.write_all(b"x").unwrap();
+        expect(&mut hidden, b"x");
+        drop(hidden);
+        assert_closed(&mut mobile);
+    }
+    assert_eq!(relay.waiting("demo"), 0);
+    assert!(
+        wait_until(LIMIT, || !support::is_listening(q.port())),
+        "rendezvous port {q} still open"
+    );
+    assert_eq!(
+        TcpStream::connect(q).unwrap_err().kind(),
+        ErrorKind::ConnectionRefused
+    );
+    // A new responder: the next 307 opens a port again, and it works.
+    let mut hidden = relay.responder(&p, "demo");
+    let q2 = relay.rendezvous("demo", "/c").unwrap();
+    assert!(support::is_listening(q2.port()));
+    let mut mobile = connect(q2);
+    mobile.write_all(b"y").unwrap();
+    expect(&mut hidden, b"y");
+}
+
+#[test]
+fn pool_is_first_in_first_paired() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let mut hiddens: Vec<TcpStream> = (0..3).map(|_| relay.responder(&p, "demo")).collect();
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobiles = Vec::new();
+    for (i, hidden) in hiddens.iter_mut().enumerate() {
+        let mut mobile = connect(q);
+        let msg = format!("mobile {i}");
+        mobile.write_all(msg.as_bytes()).unwrap();
+        mobile.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        hidden.read_to_end(&mut got).unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), msg, "responder {i}");
+        mobiles.push(mobile);
+    }
+}
+
+#[test]
+fn a_mobile_waits_pair_wait_for_a_responder_to_arrive() {
+    // pair_wait is generous: the responder arrives as soon as a registration is done.
+    let relay = TestRelay::start("pair_wait = 20");
+    let p = relay.add_account("demo");
+    let mut first = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    {
+        let mut m = connect(q);
+        m.write_all(b"0").unwrap();
+        expect(&mut first, b"0");
+    }
+    drop(first);
+    let shared = relay.server.shared().clone();
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert_eq!(relay.waiting("demo"), 0);
+    // The pool is empty: the mobile connection is held…
+    let mut mobile = connect(q);
+    mobile.write_all(b"early").unwrap();
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 1));
+    // …until a responder arrives. (Not `relay.responder`: the waiting connection
+    // takes it at once, so the pool may never be seen holding it.)
+    let r = relay.register(&p, "demo");
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut hidden = connect(r.body.trim().parse().unwrap());
+    expect(&mut hidden, b"early");
+    hidden.write_all(b"late").unwrap();
+    expect(&mut mobile, b"late");
+}
+
+#[test]
+fn a_mobile_is_closed_when_no_responder_arrives_within_pair_wait() {
+    let relay = TestRelay::start("pair_wait = 0.5");
+    let p = relay.add_account("demo");
+    let mut first = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    {
+        let mut m = connect(q);
+        m.write_all(b"0").unwrap();
+        expect(&mut first, b"0");
+    }
+    let mut mobile = connect(q);
+    mobile.write_all(b"anyone?").unwrap();
+    assert_closed(&mut mobile);
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_refusals_total{limit=\"pair_wait\"}"
+    ) == 1));
+}
+
+/// A reproducible pseudo-random stream (xorshift64*).
+struct Noise(u64);
+
+impl Noise {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+const BIG: usize = 16 << 20;
+const CHUNK: usize = 64 * 1024;
+
+/// Writes `BIG` octets of `Noise(seed)`, then half-closes.
+fn send_noise(mut s: TcpStream, seed: u64) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut noise = Noise(seed);
+        let mut buf = vec![0u8; CHUNK];
+        for _ in 0..BIG / CHUNK {
+            noise.fill(&mut buf);
+            s.write_all(&buf).unwrap();
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+    })
+}
+
+/// Reads to EOF and checks every octet against `Noise(seed)`; returns the count.
+fn check_noise(mut s: TcpStream, seed: u64) -> thread::JoinHandle<usize> {
+    thread::spawn(move || {
+        let mut noise = Noise(seed);
+        let mut want = vec![0u8; CHUNK];
+        let mut got = vec![0u8; CHUNK];
+        let mut total = 0;
+        loop {
+            // Fill a whole chunk (or reach EOF) so it lines up with the sender's.
+            let mut n = 0;
+            while n < CHUNK {
+                match s.read(&mut got[n..]).unwrap() {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            if n == 0 {
+                return total;
+            }
+            noise.fill(&mut want);
+            assert!(got[..n] == want[..n], "mismatch in chunk at offset {total}");
+            total += n;
+            if n < CHUNK {
+                assert_eq!(s.read(&mut got).unwrap(), 0, "data after a short chunk");
+                return total;
+            }
+        }
+    })
+}
+
+#[test]
+fn relays_16_mib_each_way_at_once_byte_exact() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/big").unwrap();
+    let mobile = connect(q);
+    let senders = [
+        send_noise(mobile.try_clone().unwrap(), 0x1234_5678_9abc_def1),
+        send_noise(hidden.try_clone().unwrap(), 0x0fed_cba9_8765_4321),
+    ];
+    let at_hidden = check_noise(hidden, 0x1234_5678_9abc_def1);
+    let at_mobile = check_noise(mobile, 0x0fed_cba9_8765_4321);
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert_eq!(at_hidden.join().unwrap(), BIG, "mobile -> hidden");
+    assert_eq!(at_mobile.join().unwrap(), BIG, "hidden -> mobile");
+    let shared = relay.server.shared().clone();
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert_eq!(
+        support::metric(&relay, "taas_relayed_bytes_total{direction=\"up\"}"),
+        BIG as u64
+    );
+    assert_eq!(
+        support::metric(&relay, "taas_relayed_bytes_total{direction=\"down\"}"),
+        BIG as u64
+    );
+}
+
+#[test]
+fn mobile_half_close_reaches_hidden_which_keeps_sending() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobile = connect(q);
+    mobile.write_all(b"request").unwrap();
+    mobile.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    hidden.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"request", "hidden sees the data, then EOF");
+    for part in [&b"answer "[..], b"after ", b"EOF"] {
+        hidden.write_all(part).unwrap();
+    }
+    hidden.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    mobile.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"answer after EOF");
+}
+
+#[test]
+fn hidden_half_close_reaches_mobile_which_keeps_sending() {
+    let relay = TestRelay::start("");
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobile = connect(q);
+    mobile.write_all(b"hello").unwrap();
+    expect(&mut hidden, b"hello");
+    hidden.write_all(b"bye").unwrap();
+    hidden.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    mobile.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye", "mobile sees the data, then EOF");
+    mobile.write_all(b"still talking").unwrap();
+    mobile.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    hidden.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"still talking");
+}
+
+#[test]
+fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
+    let relay = TestRelay::start("max_pairs = 1");
+    let p = relay.add_account("demo");
+    let mut h1 = relay.responder(&p, "demo");
+    let mut h2 = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut m1 = connect(q);
+    m1.write_all(b"one").unwrap();
+    expect(&mut h1, b"one");
+    let mut m2 = connect(q);
+    assert_closed(&mut m2);
+    assert_eq!(
+        relay.waiting("demo"),
+        1,
+        "the refused one took no responder"
+    );
+    assert!(support::metric(&relay, "taas_refusals_total{limit=\"max_pairs\"}") >= 1);
+    drop((m1, h1));
+    let shared = relay.server.shared().clone();
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    let mut m3 = connect(q);
+    m3.write_all(b"three").unwrap();
+    expect(&mut h2, b"three");
+}
