@@ -23,6 +23,7 @@
 //! (provisioning files), `cert` (certificates), `agent` (the hidden side).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod cert;

@@ -27,6 +27,22 @@ enum Command {
     Cert(CertCmd),
     Expose(Expose),
     Token(Token),
+    Admin(Admin),
+}
+
+/// serve the accounts web page (loopback only unless --public)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "admin")]
+struct Admin {
+    /// config file (default ./taas.toml when it exists, else built-in defaults)
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+    /// address to listen on (default 127.0.0.1:8893)
+    #[argh(option, default = "taas::admin::DEFAULT_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// allow a non-loopback --listen address (the page then reaches other hosts)
+    #[argh(switch)]
+    public: bool,
 }
 
 /// the hidden-server agent: keep registrations waiting and pipe each relayed
@@ -221,6 +237,11 @@ fn try_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Expose(a) => expose(a),
+        Command::Admin(a) => {
+            let config = Config::load(a.config.as_deref())?;
+            taas::logging::init(config.log_file.as_deref())?;
+            taas::admin::run(config, a.listen, a.public)
+        }
         Command::Token(a) => {
             let p = taas::provision::Provision::load(&a.provision)?;
             println!("{}", p.totp()?.generate(taas::unix_time()));
