@@ -1,0 +1,642 @@
+//! `make bench`: the relay measured against direct loopback, in one run, on this
+//! machine. Starts `target/release/taas serve` (once with splice, once with
+//! `io::copy`), registers hidden sides through the library, runs an echo/sink
+//! service here, and prints one table (also `target/bench.json`).
+//!
+//! Shortcuts, admitted: CPU time is read from /proc/PID/stat assuming 100 ticks
+//! a second (Linux's USER_HZ); the relay logs at `warn` so logging does not count;
+//! the client threads share the two cores with the relay, as they do for the
+//! direct baseline; each figure is the median of `ROUNDS` rounds.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use taas::agent::Registrar;
+use taas::provision::Provision;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Rounds per figure.
+const ROUNDS: usize = 3;
+/// Bytes per throughput round and direction, per pair.
+const BULK: usize = 256 << 20;
+/// Round trips per latency round.
+const RTTS: usize = 2000;
+/// Pairs held for the per-pair memory figure.
+const IDLE_PAIRS: usize = 1000;
+/// Most concurrent pairs tried.
+const MAX_PAIRS: usize = 10_000;
+
+fn main() -> Res<()> {
+    raise_fd_limit();
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/taas");
+    if !bin.exists() {
+        return Err("build first: cargo build --release (make bench does)".into());
+    }
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut json = serde_json::Map::new();
+    let mut put = |name: &str,
+                   value: f64,
+                   unit: &str,
+                   ratio: String,
+                   rows: &mut Vec<(String, String, String)>| {
+        rows.push((name.to_string(), format!("{value:.3} {unit}"), ratio));
+        json.insert(
+            name.to_string(),
+            serde_json::json!({ "value": value, "unit": unit }),
+        );
+    };
+
+    // Baseline: direct loopback.
+    let direct1 = median(
+        (0..ROUNDS)
+            .map(|_| throughput_direct(1))
+            .collect::<Res<Vec<_>>>()?,
+    );
+    let direct4 = median(
+        (0..ROUNDS)
+            .map(|_| throughput_direct(4))
+            .collect::<Res<Vec<_>>>()?,
+    );
+    put("direct 1 pair", direct1, "GB/s", "1.00".into(), &mut rows);
+    put("direct 4 pairs", direct4, "GB/s", "1.00".into(), &mut rows);
+    let (direct_p50, direct_p99) = latency_direct()?;
+
+    for splice in [true, false] {
+        let name = if splice { "splice" } else { "io::copy" };
+        let relay = Relay::start(&bin, splice)?;
+        let cpu0 = relay.cpu_seconds()?;
+        let mut moved = 0u64;
+        for (dir, up) in [("mobile->hidden", true), ("hidden->mobile", false)] {
+            for k in [1usize, 4] {
+                let mut v = Vec::new();
+                for _ in 0..ROUNDS {
+                    v.push(relay.throughput(k, up)?);
+                    moved += (BULK * k) as u64;
+                }
+                let g = median(v);
+                let base = if k == 1 { direct1 } else { direct4 };
+                put(
+                    &format!("{name}: {dir}, {k} pair(s)"),
+                    g,
+                    "GB/s",
+                    format!("{:.2}", g / base),
+                    &mut rows,
+                );
+            }
+        }
+        let cpu = relay.cpu_seconds()? - cpu0;
+        put(
+            &format!("{name}: relay CPU per GB"),
+            cpu / (moved as f64 / 1e9),
+            "CPU-s/GB",
+            String::new(),
+            &mut rows,
+        );
+        let (p50, p99) = relay.latency()?;
+        put(
+            &format!("{name}: added RTT median (64 B)"),
+            (p50 - direct_p50) * 1e6,
+            "µs",
+            format!("direct {:.1} µs", direct_p50 * 1e6),
+            &mut rows,
+        );
+        put(
+            &format!("{name}: added RTT p99 (64 B)"),
+            (p99 - direct_p99) * 1e6,
+            "µs",
+            format!("direct {:.1} µs", direct_p99 * 1e6),
+            &mut rows,
+        );
+        if !splice {
+            continue;
+        }
+        let (q_first, full) = relay.setup_times()?;
+        put(
+            "connect to Q -> first echoed byte",
+            q_first * 1e3,
+            "ms",
+            String::new(),
+            &mut rows,
+        );
+        put(
+            "HTTPS GET -> 307 -> connect -> first byte",
+            full * 1e3,
+            "ms",
+            String::new(),
+            &mut rows,
+        );
+        let rate = relay.sustained_with_agent(&bin)?;
+        put(
+            "new mobile connections, agent refilling",
+            rate,
+            "conn/s",
+            String::new(),
+            &mut rows,
+        );
+        let (idle_kib, threads_idle) = relay.rss_threads()?;
+        put(
+            "relay RSS idle",
+            idle_kib / 1024.0,
+            "MiB",
+            format!("{threads_idle} threads"),
+            &mut rows,
+        );
+        let (per_pair, threads) = relay.idle_pairs()?;
+        put(
+            &format!("RSS per idle relayed pair ({IDLE_PAIRS})"),
+            per_pair,
+            "KiB",
+            format!("{threads} threads"),
+            &mut rows,
+        );
+        drop(relay);
+        let relay = Relay::start(&bin, true)?;
+        let held = relay.max_pairs()?;
+        put(
+            "concurrent relayed pairs held",
+            held as f64,
+            "pairs",
+            format!("of {MAX_PAIRS} tried"),
+            &mut rows,
+        );
+    }
+    let size = std::fs::metadata(&bin)?.len() as f64 / 1e6;
+    put(
+        "stripped release binary",
+        size,
+        "MB",
+        String::new(),
+        &mut rows,
+    );
+
+    println!("\n{:<48} {:>18}  ratio / note", "figure", "value");
+    println!("{}", "-".repeat(90));
+    for (n, v, r) in &rows {
+        println!("{n:<48} {v:>18}  {r}");
+    }
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    println!("\nwritten to {}", out.display());
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p) as usize]
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    // Root may raise the hard limit; otherwise the soft one goes to the hard one.
+    if setrlimit(Resource::RLIMIT_NOFILE, 200_000, 200_000).is_err()
+        && let Ok((_, hard)) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn pair() -> Res<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = TcpStream::connect(l.local_addr()?)?;
+    Ok((a, l.accept()?.0))
+}
+
+/// Writes `BULK` into each writer and reads it from each reader, all at once;
+/// aggregate GB/s.
+fn pump(pairs: Vec<(TcpStream, TcpStream)>) -> Res<f64> {
+    let k = pairs.len();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for (mut w, mut r) in pairs {
+        handles.push(std::thread::spawn(move || {
+            let buf = vec![0x5au8; 64 * 1024];
+            let mut left = BULK;
+            while left > 0 {
+                let n = left.min(buf.len());
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        }));
+        handles.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while got < BULK {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.join().map_err(|_| "pump thread panicked")?;
+    }
+    Ok((BULK * k) as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+fn throughput_direct(k: usize) -> Res<f64> {
+    pump((0..k).map(|_| pair()).collect::<Res<Vec<_>>>()?)
+}
+
+/// Echoes everything read back, until EOF.
+fn echo(mut s: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Median and p99 of 64-byte round trips, seconds.
+fn rtt(mut s: TcpStream) -> Res<(f64, f64)> {
+    s.set_nodelay(true)?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut v = Vec::with_capacity(RTTS);
+    for i in 0..RTTS + 200 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        if i >= 200 {
+            v.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((percentile(&mut v, 0.5), percentile(&mut v, 0.99)))
+}
+
+fn latency_direct() -> Res<(f64, f64)> {
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for _ in 0..ROUNDS {
+        let (a, b) = pair()?;
+        b.set_nodelay(true)?;
+        echo(b);
+        let (x, y) = rtt(a)?;
+        p50.push(x);
+        p99.push(y);
+    }
+    Ok((median(p50), median(p99)))
+}
+
+/// A relay process with one account, label "bench".
+struct Relay {
+    child: Child,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    registrar: Registrar,
+    relay_ca: String,
+    q: SocketAddr,
+    provision: PathBuf,
+}
+
+impl Relay {
+    fn start(bin: &Path, splice: bool) -> Res<Relay> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display();
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = dir.path().join("taas.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "port = {port}\nstore = \"file:{d}/accounts.json\"\ncert = \"{d}/r.crt\"\nkey = \"{d}/r.key\"\n\
+                 max_waiting = 20000\nmax_pairs = 20000\nmax_connections = 4096\nmax_connections_per_ip = 4096\n\
+                 pair_wait = 10\nsplice = {splice}\n"
+            ),
+        )?;
+        let c = config.to_str().ok_or("path")?;
+        let run = |args: &[&str]| -> Res<String> {
+            let out = Command::new(bin)
+                .args(args)
+                .current_dir(dir.path())
+                .output()?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        run(&["cert", "-c", c])?;
+        let out = run(&[
+            "users",
+            "add",
+            "bench",
+            "--out",
+            &format!("{d}/prov"),
+            "-c",
+            c,
+        ])?;
+        let provision = PathBuf::from(out.lines().next().ok_or("no provision")?);
+        run(&[
+            "users",
+            "add",
+            "agent",
+            "--out",
+            &format!("{d}/prov"),
+            "-c",
+            c,
+        ])?;
+        let child = Command::new(bin)
+            .args(["serve", "-c", c])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let t = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("relay did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let p = Provision::load(&provision)?;
+        let mut relay = Relay {
+            child,
+            addr,
+            registrar: Registrar::from_provision(&p)?,
+            relay_ca: std::fs::read_to_string(dir.path().join("r.crt"))?,
+            q: addr,
+            provision,
+            dir,
+        };
+        let h = relay.responder()?;
+        // The plug hands the responder to the pool a moment after connecting.
+        let t = Instant::now();
+        relay.q = loop {
+            match relay.rendezvous("bench") {
+                Ok(q) => break q,
+                Err(e) if t.elapsed() > Duration::from_secs(5) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let m = TcpStream::connect(relay.q)?;
+        drop((h, m));
+        Ok(relay)
+    }
+
+    fn responder(&self) -> Res<TcpStream> {
+        let plug = self
+            .registrar
+            .register("bench")
+            .map_err(|e| e.to_string())?;
+        let s = TcpStream::connect(plug)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    /// HTTPS GET on LABEL's host: the 307's port.
+    fn rendezvous(&self, label: &str) -> Res<SocketAddr> {
+        let name = format!("{label}.taas.localhost");
+        let cfg = taas::cert::client_config(Some(&self.relay_ca))?;
+        let conn = rustls::ClientConnection::new(
+            cfg,
+            rustls::pki_types::ServerName::try_from(name.clone())?,
+        )?;
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
+        write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        let loc = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Location: "))
+            .ok_or_else(|| format!("no 307: {}", text.lines().next().unwrap_or("")))?;
+        let hostport = loc
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .ok_or("bad Location")?;
+        Ok(hostport.parse()?)
+    }
+
+    /// A relayed pair: (mobile, hidden).
+    fn pair(&self) -> Res<(TcpStream, TcpStream)> {
+        let h = self.responder()?;
+        let m = TcpStream::connect(self.q)?;
+        m.set_nodelay(true)?;
+        Ok((m, h))
+    }
+
+    fn throughput(&self, k: usize, up: bool) -> Res<f64> {
+        let pairs = (0..k)
+            .map(|_| self.pair().map(|(m, h)| if up { (m, h) } else { (h, m) }))
+            .collect::<Res<Vec<_>>>()?;
+        pump(pairs)
+    }
+
+    fn latency(&self) -> Res<(f64, f64)> {
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        for _ in 0..ROUNDS {
+            let (m, h) = self.pair()?;
+            echo(h);
+            let (x, y) = rtt(m)?;
+            p50.push(x);
+            p99.push(y);
+        }
+        Ok((median(p50), median(p99)))
+    }
+
+    /// Medians: connect to Q -> first echoed byte; GET -> 307 -> connect -> byte.
+    fn setup_times(&self) -> Res<(f64, f64)> {
+        let mut q = Vec::new();
+        let mut full = Vec::new();
+        for _ in 0..50 {
+            echo(self.responder()?);
+            std::thread::sleep(Duration::from_millis(2));
+            let t = Instant::now();
+            let mut m = TcpStream::connect(self.q)?;
+            m.write_all(b"x")?;
+            m.read_exact(&mut [0u8; 1])?;
+            q.push(t.elapsed().as_secs_f64());
+            echo(self.responder()?);
+            std::thread::sleep(Duration::from_millis(2));
+            let t = Instant::now();
+            let addr = self.rendezvous("bench")?;
+            let mut m = TcpStream::connect(addr)?;
+            m.write_all(b"x")?;
+            m.read_exact(&mut [0u8; 1])?;
+            full.push(t.elapsed().as_secs_f64());
+        }
+        Ok((median(q), median(full)))
+    }
+
+    /// Full mobile flows per second for 5 s, 4 clients, `taas expose` refilling.
+    fn sustained_with_agent(&self, bin: &Path) -> Res<f64> {
+        let svc = TcpListener::bind("127.0.0.1:0")?;
+        let svc_addr = svc.local_addr()?;
+        std::thread::spawn(move || {
+            for s in svc.incoming().flatten() {
+                echo(s);
+            }
+        });
+        let agent_prov = std::fs::read_dir(self.provision.parent().ok_or("dir")?)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && Provision::load(p).is_ok_and(|v| v.labels == ["agent"])
+            })
+            .ok_or("no agent provision")?;
+        let mut agent = Command::new(bin)
+            .args([
+                "expose",
+                agent_prov.to_str().ok_or("path")?,
+                "--to",
+                &svc_addr.to_string(),
+                "--pool",
+                "8",
+            ])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let me = Arc::new(self.rendezvous_client());
+        let end = Instant::now() + Duration::from_secs(5);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let me = me.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while Instant::now() < end {
+                        if me.flow().is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        let total: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        let _ = agent.kill();
+        let _ = agent.wait();
+        Ok(total as f64 / 5.0)
+    }
+
+    fn rendezvous_client(&self) -> Client {
+        Client {
+            addr: self.addr,
+            ca: self.relay_ca.clone(),
+        }
+    }
+
+    fn status(&self, key: &str) -> Res<f64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .ok_or("no such status line")?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .ok_or("bad status line")?
+            .parse()?)
+    }
+
+    fn rss_threads(&self) -> Res<(f64, u64)> {
+        Ok((self.status("VmRSS:")?, self.status("Threads:")? as u64))
+    }
+
+    fn cpu_seconds(&self) -> Res<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+        Ok(ticks / 100.0)
+    }
+
+    /// KiB of RSS per idle relayed pair, and threads then.
+    fn idle_pairs(&self) -> Res<(f64, u64)> {
+        let (before, _) = self.rss_threads()?;
+        let mut held = Vec::with_capacity(IDLE_PAIRS);
+        for _ in 0..IDLE_PAIRS {
+            held.push(self.pair()?);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let (after, threads) = self.rss_threads()?;
+        Ok(((after - before) / IDLE_PAIRS as f64, threads))
+    }
+
+    /// Pairs held at once, up to `MAX_PAIRS`, stopping where the machine says no.
+    fn max_pairs(&self) -> Res<usize> {
+        let mut held = Vec::new();
+        // A pair counts once a byte has crossed it.
+        while held.len() < MAX_PAIRS {
+            let proven = self.pair().and_then(|(mut m, mut h)| {
+                m.write_all(b"!")?;
+                h.set_read_timeout(Some(Duration::from_secs(5)))?;
+                h.read_exact(&mut [0u8; 1])?;
+                Ok((m, h))
+            });
+            match proven {
+                Ok(p) => held.push(p),
+                Err(e) => {
+                    eprintln!("stopped at {} pairs: {e}", held.len());
+                    break;
+                }
+            }
+        }
+        Ok(held.len())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+/// A mobile client: GET -> 307 -> connect -> one echoed byte.
+struct Client {
+    addr: SocketAddr,
+    ca: String,
+}
+
+impl Client {
+    fn flow(&self) -> Res<()> {
+        let name = "agent.taas.localhost";
+        let cfg = taas::cert::client_config(Some(&self.ca))?;
+        let conn =
+            rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::try_from(name)?)?;
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
+        write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        let loc = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Location: "))
+            .ok_or("no 307")?;
+        let q: SocketAddr = loc
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .ok_or("bad")?
+            .parse()?;
+        let mut m = TcpStream::connect(q)?;
+        m.set_read_timeout(Some(Duration::from_secs(10)))?;
+        m.write_all(b"x")?;
+        m.read_exact(&mut [0u8; 1])?;
+        Ok(())
+    }
+}
