@@ -141,6 +141,9 @@ mod splice {
 
     /// Moves everything from `from` to `to` until EOF, counting into `count`.
     pub fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<()> {
+        // An idle direction holds no pipe: it waits for its first octet (or EOF)
+        // before making one, so an idle pair costs two descriptors, not six.
+        wait_readable(from)?;
         let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|_| io::Error::from(Refused))?;
         loop {
@@ -168,6 +171,20 @@ mod splice {
                 }
             }
             *count += n as u64;
+        }
+    }
+
+    /// Blocks until `from` has an octet, an EOF or an error to report.
+    fn wait_readable(from: &TcpStream) -> io::Result<()> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }
