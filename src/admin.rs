@@ -222,7 +222,7 @@ pub fn run(config: Config, addr: SocketAddr, public: bool) -> Result<()> {
         admin.url(),
         admin.state.config.store.describe()
     );
-    crate::server::wait_for_signal()?;
+    crate::server::wait_for_signal(|| ())?;
     drop(admin);
     log::info!("stopped");
     Ok(())

@@ -316,7 +316,7 @@ fn expose(a: Expose) -> Result<()> {
             eager: a.eager,
         },
     )?;
-    taas::server::wait_for_signal()?;
+    taas::server::wait_for_signal(|| ())?;
     agent.stop();
     log::info!("stopped");
     Ok(())

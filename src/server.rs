@@ -690,14 +690,10 @@ pub fn run(config: Config) -> Result<()> {
         c.store.describe(),
         c.source
     );
-    match server.shared.store.list() {
-        Ok(list) if list.is_empty() => {
-            log::info!("no accounts yet: add one with `taas users add LABEL`")
-        }
-        Ok(list) => log::info!("{} accounts", list.len()),
-        Err(e) => log::warn!("{e}"),
-    }
-    wait_for_signal()?;
+    log_accounts(&server.shared.store);
+    // Accounts are read from the store at each registration; SIGHUP re-reads
+    // it now, so the operator sees at once whether an edit took.
+    wait_for_signal(|| log_accounts(&server.shared.store))?;
     log::info!(
         "stopping: live pairs have {} s to finish",
         grace.as_secs_f64()
@@ -721,17 +717,28 @@ fn raise_fd_limit() {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; SIGHUP reopens the log file meanwhile.
-pub fn wait_for_signal() -> Result<()> {
+/// Logs how many accounts the store holds (or why it cannot say).
+fn log_accounts(store: &Store) {
+    match store.list() {
+        Ok(list) if list.is_empty() => {
+            log::info!("no accounts yet: add one with `taas users add LABEL`")
+        }
+        Ok(list) => log::info!("accounts in the store: {}", list.len()),
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT. SIGHUP reopens the log file (logrotate)
+/// and then calls `on_hup`.
+pub fn wait_for_signal(on_hup: impl Fn()) -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Error::io("signal set-up", e))?;
     for sig in signals.forever() {
         if sig == SIGHUP {
             crate::logging::reopen();
-            log::info!(
-                "SIGHUP: log file reopened; accounts are read from the store at each registration"
-            );
+            log::info!("SIGHUP: log file reopened");
+            on_hup();
         } else {
             return Ok(());
         }

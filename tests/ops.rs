@@ -191,8 +191,22 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
     )
     .is_ok()));
 
-    // logrotate moves the file; SIGHUP makes the relay write to a new one.
+    // logrotate moves the file; SIGHUP makes the relay write to a new one, and
+    // re-read the store, where an account was added meanwhile.
     std::fs::rename(&log, dir.path().join("taas.log.1")).unwrap();
+    let added = taas(
+        dir.path(),
+        &[
+            "users",
+            "add",
+            "other",
+            "--out",
+            &format!("{d}/prov"),
+            "-c",
+            c,
+        ],
+    );
+    assert!(added.0);
     assert!(
         Command::new("kill")
             .args(["-HUP", &pid])
@@ -201,7 +215,8 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
             .success()
     );
     assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("SIGHUP"))
+        std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("SIGHUP") && t.contains("accounts in the store: 2"))
     }));
 
     // A live pair.
