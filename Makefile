@@ -24,6 +24,7 @@ lint:
 # Speed and memory, against direct loopback measured in the same run.
 bench:
 	$(CARGO) build --release --locked
+	sync
 	$(CARGO) run --release --locked --example bench
 
 # A reproducible release binary: locked dependencies, checkout and cargo paths

@@ -6,7 +6,11 @@
 //! Shortcuts, admitted: CPU time is read from /proc/PID/stat assuming 100 ticks
 //! a second (Linux's USER_HZ); the relay logs at `warn` so logging does not count;
 //! the client threads share the two cores with the relay, as they do for the
-//! direct baseline; each figure is the median of `ROUNDS` rounds.
+//! direct baseline; each figure is the median of `ROUNDS` rounds. Memory is
+//! read from /proc/PID/status: VmRSS, and RssAnon (heap and stacks, what the
+//! relay itself costs; the rest of VmRSS is the binary's and libc's pages,
+//! shared and reclaimable). On a machine where the binary was just written and
+//! not yet synced, its pages may show as private; `make bench` runs `sync`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -144,6 +148,13 @@ fn main() -> Res<()> {
             idle_kib / 1024.0,
             "MiB",
             format!("{threads_idle} threads"),
+            &mut rows,
+        );
+        put(
+            "relay RSS idle, anonymous (heap and stacks)",
+            relay.status("RssAnon:")? / 1024.0,
+            "MiB",
+            "the rest is the binary and libc, shared".into(),
             &mut rows,
         );
         let (per_pair, threads) = relay.idle_pairs()?;
@@ -565,13 +576,14 @@ impl Relay {
 
     /// KiB of RSS per idle relayed pair, and threads then.
     fn idle_pairs(&self) -> Res<(f64, u64)> {
-        let (before, _) = self.rss_threads()?;
+        let before = self.status("RssAnon:")?;
         let mut held = Vec::with_capacity(IDLE_PAIRS);
         for _ in 0..IDLE_PAIRS {
             held.push(self.pair()?);
         }
         std::thread::sleep(Duration::from_secs(1));
-        let (after, threads) = self.rss_threads()?;
+        let after = self.status("RssAnon:")?;
+        let threads = self.status("Threads:")? as u64;
         Ok(((after - before) / IDLE_PAIRS as f64, threads))
     }
 

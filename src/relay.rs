@@ -9,9 +9,12 @@
 //! Two ways to copy, chosen by `Copier`: `splice(2)` through a pipe per direction
 //! (Linux: the octets go socket → pipe → socket inside the kernel, never through
 //! a user buffer; `make bench` shows the gain), and `std::io::copy` (an 8 KiB
-//! stack buffer), used elsewhere and whenever the kernel refuses splice before
-//! the first octet. Each pipe is emptied before the next splice into it, so no
-//! splice ever blocks on a full pipe.
+//! stack buffer), used elsewhere and whenever the kernel refuses splice or a
+//! pipe. Each pipe is emptied before the next splice into it, so no splice ever
+//! blocks on a full pipe, and a refusal finds it empty: the copy goes on in user
+//! space from where splice stopped. A direction makes its pipe at its first
+//! octet and closes it after `PIPE_IDLE` of quiet, so an idle pair holds two
+//! descriptors, a busy one six.
 
 use std::io;
 use std::net::{Shutdown, TcpStream};
@@ -19,11 +22,17 @@ use std::sync::Arc;
 use std::thread;
 
 /// Stack of the helper thread that copies the second direction: `io::copy` needs
-/// its 8 KiB buffer and little else.
-pub const COPY_STACK: usize = 64 * 1024;
+/// its 8 KiB buffer and little else. Kept under a quarter of `CONN_STACK`: glibc
+/// hands a new thread a cached stack up to four times the size asked, and a
+/// stack that served a TLS handshake keeps its touched pages (20 KiB a pair).
+pub const COPY_STACK: usize = 40 * 1024;
 
 /// Bytes asked of one splice: the default pipe capacity (16 pages).
 pub const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// A splice direction quiet this long closes its pipe (made again at the next
+/// octet), so idle pairs hold no pipe.
+pub const PIPE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How octets are copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,14 +89,10 @@ pub fn one_way(from: &TcpStream, to: &TcpStream, copier: Copier) -> (u64, Option
     };
     if let Err(e) = &result
         && splice::Refused::is(e)
-        && count == 0
     {
-        let mut counter = Counting {
-            inner: from,
-            count: 0,
-        };
-        result = io::copy(&mut counter, &mut &*to).map(|_| ());
-        count = counter.count;
+        let (more, rest) = copy_in_user_space(from, to);
+        count += more;
+        result = rest;
     }
     match result {
         Ok(()) => {
@@ -102,6 +107,19 @@ pub fn one_way(from: &TcpStream, to: &TcpStream, copier: Copier) -> (u64, Option
     }
 }
 
+/// `io::copy` through its 8 KiB stack buffer. Kept out of line: a frame that
+/// holds the buffer is probed page by page on entry, and the splice path, which
+/// never needs it, would pay those pages of stack in every relay thread.
+#[inline(never)]
+fn copy_in_user_space(from: &TcpStream, to: &TcpStream) -> (u64, io::Result<()>) {
+    let mut counter = Counting {
+        inner: from,
+        count: 0,
+    };
+    let result = io::copy(&mut counter, &mut &*to).map(|_| ());
+    (counter.count, result)
+}
+
 /// The zero-copy path: safe wrappers of `pipe2(2)` and `splice(2)` from nix.
 #[cfg(target_os = "linux")]
 mod splice {
@@ -111,7 +129,9 @@ mod splice {
     use nix::errno::Errno;
     use nix::fcntl::{SpliceFFlags, splice};
 
-    use super::SPLICE_CHUNK;
+    use std::time::Duration;
+
+    use super::{PIPE_IDLE, SPLICE_CHUNK};
 
     /// The kernel will not splice here: copy through user space instead.
     #[derive(Debug)]
@@ -140,17 +160,31 @@ mod splice {
     }
 
     /// Moves everything from `from` to `to` until EOF, counting into `count`.
+    /// A refusal (`Refused`) always leaves the pipe empty, so the caller may go
+    /// on in user space from where this stopped.
     pub fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<()> {
-        // An idle direction holds no pipe: it waits for its first octet (or EOF)
-        // before making one, so an idle pair costs two descriptors, not six.
-        wait_readable(from)?;
-        let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|_| io::Error::from(Refused))?;
+        // The pipe is made at the direction's first octet and given back after
+        // `PIPE_IDLE` of quiet: an idle pair holds its two sockets and no pipe.
+        let mut pipe = None;
+        let mut last = 0;
         loop {
+            // A short read emptied the socket: wait here, where the wait can end.
+            if last < SPLICE_CHUNK && pipe.is_some() && !wait_readable(from, Some(PIPE_IDLE))? {
+                pipe = None;
+            }
+            let (pipe_r, pipe_w) = match &pipe {
+                Some(p) => p,
+                None => {
+                    wait_readable(from, None)?;
+                    let fresh = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                        .map_err(|_| io::Error::from(Refused))?;
+                    pipe.insert(fresh)
+                }
+            };
             let n = match splice(
                 from,
                 None,
-                &pipe_w,
+                pipe_w,
                 None,
                 SPLICE_CHUNK,
                 SpliceFFlags::SPLICE_F_MOVE,
@@ -158,12 +192,12 @@ mod splice {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EINVAL | Errno::ENOSYS) if *count == 0 => return Err(Refused.into()),
+                Err(Errno::EINVAL | Errno::ENOSYS) => return Err(Refused.into()),
                 Err(e) => return Err(e.into()),
             };
             let mut left = n;
             while left > 0 {
-                match splice(&pipe_r, None, to, None, left, SpliceFFlags::SPLICE_F_MOVE) {
+                match splice(pipe_r, None, to, None, left, SpliceFFlags::SPLICE_F_MOVE) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(m) => left -= m,
                     Err(Errno::EINTR) => continue,
@@ -171,17 +205,23 @@ mod splice {
                 }
             }
             *count += n as u64;
+            last = n;
         }
     }
 
-    /// Blocks until `from` has an octet, an EOF or an error to report.
-    fn wait_readable(from: &TcpStream) -> io::Result<()> {
+    /// Waits until `from` has an octet, an EOF or an error to report (true), or
+    /// until `limit` passes (false).
+    fn wait_readable(from: &TcpStream, limit: Option<Duration>) -> io::Result<bool> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
+        let timeout = match limit {
+            None => PollTimeout::NONE,
+            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+        };
         let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
         loop {
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => return Ok(()),
+            match poll(&mut fds, timeout) {
+                Ok(n) => return Ok(n > 0),
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }

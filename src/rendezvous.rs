@@ -18,8 +18,10 @@ use crate::pool::{self, Label, Pairing};
 use crate::relay;
 use crate::server::{PairPermit, Shared, spawn, wake};
 
-/// Stack of a pairing thread: waits, logs and runs one direction of `io::copy`.
-pub const PAIR_STACK: usize = 64 * 1024;
+/// Stack of a pairing thread: waits, logs and runs one direction of the relay.
+/// Under a quarter of `CONN_STACK`, like `relay::COPY_STACK`, and for the same
+/// reason.
+pub const PAIR_STACK: usize = 48 * 1024;
 
 /// An open rendezvous port.
 pub struct Rendezvous {

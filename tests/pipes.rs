@@ -1,5 +1,6 @@
 //! The splice relay's descriptors: an idle pair holds its two sockets and no pipe;
-//! a direction makes its pipe when its first octet arrives. (Alone in its own test
+//! a direction makes its pipe when its first octet arrives and gives it back
+//! after `relay::PIPE_IDLE` of quiet. (Alone in its own test
 //! binary, so no other test's pipes are counted.)
 mod support;
 
@@ -51,6 +52,16 @@ fn an_idle_pair_holds_no_pipe_until_octets_flow() {
     mobile.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"dn");
     assert_eq!(pipes(), base + 4, "one pipe per direction");
+
+    // Quiet for longer than PIPE_IDLE: the pipes go back, the pair stays.
+    assert!(wait_until(Duration::from_secs(10), || pipes() == base));
+    mobile.write_all(b"again").unwrap();
+    let mut again = [0u8; 5];
+    hidden.read_exact(&mut again).unwrap();
+    assert_eq!(&again, b"again");
+    hidden.write_all(b"still").unwrap();
+    mobile.read_exact(&mut again).unwrap();
+    assert_eq!(&again, b"still");
 
     drop(mobile);
     drop(hidden);
