@@ -1,7 +1,7 @@
 # taas: `make` builds the release binary; `make test` is the one test command.
 CARGO ?= cargo
 
-.PHONY: all build run test lint fmt clean bench release verify-release install
+.PHONY: all build run check test lint fmt clean bench release verify-release install
 
 all: build
 
@@ -13,7 +13,11 @@ build:
 run:
 	$(CARGO) run --release --locked -- serve
 
-# Everything CI runs: format, lints, then every test (unit, integration, examples).
+# Everything CI runs: every test, then the reproducibility check (two clean
+# release builds, about three minutes on two cores).
+check: test verify-release
+
+# Format, lints, then every test (unit, integration, examples, the browser).
 test: lint
 	$(CARGO) test --locked --all-targets
 

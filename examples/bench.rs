@@ -68,11 +68,23 @@ fn main() -> Res<()> {
     );
     put("direct 1 pair", direct1, "GB/s", "1.00".into(), &mut rows);
     put("direct 4 pairs", direct4, "GB/s", "1.00".into(), &mut rows);
-    let (direct_p50, direct_p99) = latency_direct()?;
 
     for splice in [true, false] {
         let name = if splice { "splice" } else { "io::copy" };
         let relay = Relay::start(&bin, splice)?;
+        if splice {
+            let (rss, threads) = relay.rss_threads()?;
+            put(
+                "relay RSS at start (no traffic yet)",
+                rss / 1024.0,
+                "MiB",
+                format!(
+                    "{threads} threads; anonymous {:.2} MiB",
+                    relay.status("RssAnon:")? / 1024.0
+                ),
+                &mut rows,
+            );
+        }
         let cpu0 = relay.cpu_seconds()?;
         let mut moved = 0u64;
         for (dir, up) in [("mobile->hidden", true), ("hidden->mobile", false)] {
@@ -101,17 +113,17 @@ fn main() -> Res<()> {
             String::new(),
             &mut rows,
         );
-        let (p50, p99) = relay.latency()?;
+        let [add50, add99, direct_p50, direct_p99] = relay.added_latency()?;
         put(
             &format!("{name}: added RTT median (64 B)"),
-            (p50 - direct_p50) * 1e6,
+            add50 * 1e6,
             "µs",
             format!("direct {:.1} µs", direct_p50 * 1e6),
             &mut rows,
         );
         put(
             &format!("{name}: added RTT p99 (64 B)"),
-            (p99 - direct_p99) * 1e6,
+            add99 * 1e6,
             "µs",
             format!("direct {:.1} µs", direct_p99 * 1e6),
             &mut rows,
@@ -144,7 +156,7 @@ fn main() -> Res<()> {
         );
         let (idle_kib, threads_idle) = relay.rss_threads()?;
         put(
-            "relay RSS idle",
+            "relay RSS idle, after the runs above",
             idle_kib / 1024.0,
             "MiB",
             format!("{threads_idle} threads"),
@@ -176,6 +188,31 @@ fn main() -> Res<()> {
             &mut rows,
         );
     }
+    // Round trips again with the relay and the clients on one CPU, as on a
+    // one-core VPS: on this VM a wake-up that crosses to the other core costs
+    // tens of µs, which the direct baseline mostly avoids (its two threads
+    // alternate on one core). Last, as pinning leaves the scheduler's placement
+    // of later threads changed.
+    let relay = Relay::start(&bin, true)?;
+    pin(Some(relay.child.id()), Some(0))?;
+    let one_cpu = relay.added_latency();
+    pin(Some(relay.child.id()), None)?;
+    drop(relay);
+    let [add50, add99, direct_p50, _] = one_cpu?;
+    put(
+        "splice: added RTT median, all on one CPU",
+        add50 * 1e6,
+        "µs",
+        format!("direct {:.1} µs", direct_p50 * 1e6),
+        &mut rows,
+    );
+    put(
+        "splice: added RTT p99, all on one CPU",
+        add99 * 1e6,
+        "µs",
+        String::new(),
+        &mut rows,
+    );
     let size = std::fs::metadata(&bin)?.len() as f64 / 1e6;
     put(
         "stripped release binary",
@@ -294,18 +331,36 @@ fn rtt(mut s: TcpStream) -> Res<(f64, f64)> {
     Ok((percentile(&mut v, 0.5), percentile(&mut v, 0.99)))
 }
 
-fn latency_direct() -> Res<(f64, f64)> {
-    let mut p50 = Vec::new();
-    let mut p99 = Vec::new();
-    for _ in 0..ROUNDS {
-        let (a, b) = pair()?;
-        b.set_nodelay(true)?;
-        echo(b);
-        let (x, y) = rtt(a)?;
-        p50.push(x);
-        p99.push(y);
+/// Pins this thread (so the threads it starts next) and every thread of
+/// process `pid` to CPU `cpu`, or lets them run anywhere again with `None`.
+fn pin(pid: Option<u32>, cpu: Option<usize>) -> Res<()> {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    match cpu {
+        Some(c) => set.set(c)?,
+        None => {
+            for c in 0..std::thread::available_parallelism()?.get() {
+                set.set(c)?;
+            }
+        }
     }
-    Ok((median(p50), median(p99)))
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    if let Some(pid) = pid {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+            sched_setaffinity(Pid::from_raw(tid), &set)?;
+        }
+    }
+    Ok(())
+}
+
+/// One direct round: median and p99 of 64-byte round trips, seconds.
+fn latency_direct() -> Res<(f64, f64)> {
+    let (a, b) = pair()?;
+    b.set_nodelay(true)?;
+    echo(b);
+    rtt(a)
 }
 
 /// A relay process with one account, label "bench".
@@ -453,17 +508,23 @@ impl Relay {
         pump(pairs)
     }
 
-    fn latency(&self) -> Res<(f64, f64)> {
-        let mut p50 = Vec::new();
-        let mut p99 = Vec::new();
-        for _ in 0..ROUNDS {
+    /// Added round-trip time, median and p99, seconds: each relayed round is
+    /// paired with a direct round measured just before it (this machine's
+    /// loopback latency drifts from minute to minute), and the medians of the
+    /// differences are taken. Also the direct medians, for the note.
+    fn added_latency(&self) -> Res<[f64; 4]> {
+        let (mut add50, mut add99, mut d50, mut d99) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..ROUNDS * 2 {
+            let (x, y) = latency_direct()?;
             let (m, h) = self.pair()?;
             echo(h);
-            let (x, y) = rtt(m)?;
-            p50.push(x);
-            p99.push(y);
+            let (p, q) = rtt(m)?;
+            add50.push(p - x);
+            add99.push(q - y);
+            d50.push(x);
+            d99.push(y);
         }
-        Ok((median(p50), median(p99)))
+        Ok([median(add50), median(add99), median(d50), median(d99)])
     }
 
     /// Medians: connect to Q -> first echoed byte; GET -> 307 -> connect -> byte.
