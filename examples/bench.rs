@@ -1,7 +1,8 @@
 //! `make bench`: the relay measured against direct loopback, in one run, on this
 //! machine. Starts `target/release/taas serve` (once with splice, once with
-//! `io::copy`), registers hidden sides through the library, runs an echo/sink
-//! service here, and prints one table (also `target/bench.json`).
+//! `splice = false`: a read/write loop), registers hidden sides through the
+//! library, runs an echo/sink service here, and prints one table (also
+//! `target/bench.json`).
 //!
 //! Shortcuts, admitted: CPU time is read from /proc/PID/stat assuming 100 ticks
 //! a second (Linux's USER_HZ); the relay logs at `warn` so logging does not count;
@@ -70,7 +71,7 @@ fn main() -> Res<()> {
     put("direct 4 pairs", direct4, "GB/s", "1.00".into(), &mut rows);
 
     for splice in [true, false] {
-        let name = if splice { "splice" } else { "io::copy" };
+        let name = if splice { "splice" } else { "read/write" };
         let relay = Relay::start(&bin, splice)?;
         if splice {
             let (rss, threads) = relay.rss_threads()?;

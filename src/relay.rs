@@ -4,28 +4,32 @@
 //! Invariants: nothing is added, dropped or reordered; an EOF in one direction
 //! becomes `shutdown(Write)` of the other socket (a half-close), so the other
 //! direction keeps flowing; an error in either direction shuts both sockets down
-//! completely; the function returns only when both directions are done.
+//! completely; the functions return only when their directions are done.
 //!
 //! Two ways to copy, chosen by `Copier`: `splice(2)` through a pipe per direction
 //! (Linux: the octets go socket → pipe → socket inside the kernel, never through
-//! a user buffer; `make bench` shows the gain), and `std::io::copy` (an 8 KiB
-//! stack buffer), used elsewhere and whenever the kernel refuses splice or a
-//! pipe. Each pipe is emptied before the next splice into it, so no splice ever
-//! blocks on a full pipe, and a refusal finds it empty: the copy goes on in user
-//! space from where splice stopped. A direction makes its pipe at its first
-//! octet and closes it after `PIPE_IDLE` of quiet, so an idle pair holds two
-//! descriptors, a busy one six.
+//! a user buffer; `make bench` shows the gain), and a read/write loop on an
+//! 8 KiB buffer, used elsewhere and whenever the kernel refuses splice or a
+//! pipe. Each pipe is emptied before the next splice into it, so a refusal finds
+//! it empty and the copy goes on in user space from where splice stopped.
+//!
+//! Two drivers: `run`, for a relayed pair, moves both directions in the calling
+//! thread with non-blocking sockets and one poll(2) (one thread a pair: 10 KiB
+//! of memory for an idle pair, where a thread per direction cost 19.5); a
+//! direction makes its pipe at its first octet and gives it back after
+//! `PIPE_IDLE` of quiet, so an idle pair holds its two sockets only. `one_way`
+//! copies one direction with blocking calls, for the agent, whose sockets other
+//! threads also use (so they must stay blocking).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::thread;
 
-/// Stack of the helper thread that copies the second direction: `io::copy` needs
-/// its 8 KiB buffer and little else. Kept under a quarter of `CONN_STACK`: glibc
-/// hands a new thread a cached stack up to four times the size asked, and a
-/// stack that served a TLS handshake keeps its touched pages (20 KiB a pair).
-pub const COPY_STACK: usize = 40 * 1024;
+/// Bytes of a direction's user-space buffer, where splice is not used.
+pub const COPY_BUF: usize = 8 * 1024;
+
+/// Chunks a direction may move before the other gets its turn.
+const TURN: usize = 16;
 
 /// Bytes asked of one splice: the default pipe capacity (16 pages).
 pub const SPLICE_CHUNK: usize = 64 * 1024;
@@ -39,7 +43,7 @@ pub const PIPE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 pub enum Copier {
     /// `splice(2)` through a pipe, falling back to `Copy` where refused.
     Splice,
-    /// `std::io::copy`.
+    /// Through user space: `run`'s read/write loop, `one_way`'s `io::copy`.
     Copy,
 }
 
@@ -52,35 +56,275 @@ pub struct Moved {
     pub down: u64,
 }
 
-/// Copies `mobile` ⇄ `hidden` until both directions end; returns the octets moved.
-/// The first error met, if any, is returned with the counts so far.
+/// Copies `mobile` ⇄ `hidden` until both directions end, in the calling thread;
+/// returns the octets moved, and the first error met, if any.
+///
+/// Both sockets are made non-blocking and watched with one poll(2): a direction
+/// reads when its source is readable and it holds nothing, and writes when its
+/// destination is writable and it holds something. One thread a pair, blocked
+/// in poll while the pair is idle.
 pub fn run(
     mobile: Arc<TcpStream>,
     hidden: Arc<TcpStream>,
     copier: Copier,
 ) -> (Moved, Option<io::Error>) {
-    // Both threads use both sockets through `&TcpStream` (no dup'ed descriptors).
-    let (m, h) = (mobile.clone(), hidden.clone());
-    let down = thread::Builder::new()
-        .name("relay-down".into())
-        .stack_size(COPY_STACK)
-        .spawn(move || one_way(&h, &m, copier));
-    let down = match down {
-        Ok(handle) => handle,
-        Err(e) => {
-            close_both(&mobile, &hidden);
-            return (Moved::default(), Some(e));
-        }
+    let (mobile, hidden) = (&*mobile, &*hidden);
+    let mut up = Way::new(copier);
+    let mut down = Way::new(copier);
+    let mut error = mobile
+        .set_nonblocking(true)
+        .and_then(|()| hidden.set_nonblocking(true))
+        .err();
+    while error.is_none() && !(up.done && down.done) {
+        error = up
+            .advance(mobile, hidden)
+            .and_then(|()| down.advance(hidden, mobile))
+            .and_then(|()| wait(mobile, hidden, &mut up, &mut down))
+            .err();
+    }
+    if error.is_some() {
+        close_both(mobile, hidden);
+    }
+    let moved = Moved {
+        up: up.count,
+        down: down.count,
     };
-    let (up, up_err) = one_way(&mobile, &hidden, copier);
-    let (down, down_err) = down
-        .join()
-        .unwrap_or_else(|_| (0, Some(io::Error::other("relay thread panicked"))));
-    (Moved { up, down }, up_err.or(down_err))
+    (moved, error)
 }
 
-/// Copies `from` to `to`; at EOF half-closes `to`, on error closes both. Returns
-/// the octets copied and the error, if any.
+/// Waits until a direction can move, or for `PIPE_IDLE` when a direction holds
+/// an empty pipe or buffer, which is then given back.
+fn wait(mobile: &TcpStream, hidden: &TcpStream, up: &mut Way, down: &mut Way) -> io::Result<()> {
+    use nix::poll::{PollFd, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    if up.done && down.done {
+        return Ok(());
+    }
+    let m = up.wants_read() | down.wants_write();
+    let h = down.wants_read() | up.wants_write();
+    let mut set = [
+        PollFd::new(mobile.as_fd(), m),
+        PollFd::new(hidden.as_fd(), h),
+    ];
+    // A socket nothing waits on is left out: its hang-up alone must not wake us.
+    // (A direction not done always waits on one of them.)
+    let fds = if m.is_empty() {
+        &mut set[1..]
+    } else if h.is_empty() {
+        &mut set[..1]
+    } else {
+        &mut set[..]
+    };
+    let timeout = if up.holds_idle() || down.holds_idle() {
+        PollTimeout::try_from(PIPE_IDLE).unwrap_or(PollTimeout::MAX)
+    } else {
+        PollTimeout::NONE
+    };
+    match poll(fds, timeout) {
+        Ok(0) => {
+            up.release();
+            down.release();
+            Ok(())
+        }
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What a direction holds its octets in between reading and writing them.
+enum Held {
+    /// Nothing yet, or given back after `PIPE_IDLE` of quiet.
+    Nothing,
+    /// A pipe (read end, write end): splice in, splice out.
+    #[cfg(target_os = "linux")]
+    Pipe(std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    /// A user-space buffer and where its unwritten octets start.
+    Buffer(Box<[u8]>, usize),
+}
+
+/// One direction of a pair, driven by `run`.
+struct Way {
+    /// Splice until the kernel refuses it, then copy.
+    copier: Copier,
+    held: Held,
+    /// Octets read and not yet written.
+    pending: usize,
+    /// Octets written.
+    count: u64,
+    /// EOF passed on (or the pair failed).
+    done: bool,
+}
+
+impl Way {
+    fn new(copier: Copier) -> Way {
+        Way {
+            copier,
+            held: Held::Nothing,
+            pending: 0,
+            count: 0,
+            done: false,
+        }
+    }
+
+    fn wants_read(&self) -> nix::poll::PollFlags {
+        if !self.done && self.pending == 0 {
+            nix::poll::PollFlags::POLLIN
+        } else {
+            nix::poll::PollFlags::empty()
+        }
+    }
+
+    fn wants_write(&self) -> nix::poll::PollFlags {
+        if !self.done && self.pending > 0 {
+            nix::poll::PollFlags::POLLOUT
+        } else {
+            nix::poll::PollFlags::empty()
+        }
+    }
+
+    fn holds_idle(&self) -> bool {
+        self.pending == 0 && !matches!(self.held, Held::Nothing)
+    }
+
+    fn release(&mut self) {
+        if self.pending == 0 {
+            self.held = Held::Nothing;
+        }
+    }
+
+    /// Moves what can move now without blocking (at most `TURN` chunks); at EOF
+    /// half-closes `to`.
+    /// A short read or a short write ends the turn at once: the source is
+    /// drained or the destination full, and asking again would only hear EAGAIN.
+    fn advance(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+        let mut drained = false;
+        for _ in 0..TURN {
+            if self.done {
+                break;
+            }
+            if self.pending > 0 {
+                match self.push(to) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        self.pending -= n;
+                        self.count += n as u64;
+                        if self.pending > 0 || drained {
+                            break;
+                        }
+                    }
+                    Err(e) if later(&e) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            match self.pull(from) {
+                Ok(0) => {
+                    // The peer may already be gone; its own direction says so.
+                    let _ = to.shutdown(Shutdown::Write);
+                    self.done = true;
+                    self.held = Held::Nothing;
+                }
+                Ok(n) => {
+                    self.pending = n;
+                    drained = n < self.capacity();
+                }
+                Err(e) if later(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The most one read can bring.
+    fn capacity(&self) -> usize {
+        match &self.held {
+            Held::Buffer(buf, _) => buf.len(),
+            _ => SPLICE_CHUNK,
+        }
+    }
+
+    /// Reads into the pipe (made here if need be) or, where the kernel refuses a
+    /// pipe or splice, into the buffer from then on. Only called holding nothing.
+    fn pull(&mut self, from: &TcpStream) -> io::Result<usize> {
+        // A pipe or buffer is made only for octets that are there (or an EOF).
+        if matches!(self.held, Held::Nothing) && !readable_now(from)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        #[cfg(target_os = "linux")]
+        if self.copier == Copier::Splice {
+            use nix::fcntl::{OFlag, SpliceFFlags, splice};
+            if matches!(self.held, Held::Nothing) {
+                match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+                    Ok((r, w)) => self.held = Held::Pipe(r, w),
+                    Err(_) => self.copier = Copier::Copy,
+                }
+            }
+            if let Held::Pipe(_, w) = &self.held {
+                let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+                match splice(from, None, w, None, SPLICE_CHUNK, flags) {
+                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+                        self.copier = Copier::Copy;
+                    }
+                    done => return done.map_err(io::Error::from),
+                }
+            }
+        }
+        let buf = match &mut self.held {
+            Held::Buffer(buf, start) => {
+                *start = 0;
+                buf
+            }
+            held => {
+                *held = Held::Buffer(vec![0; COPY_BUF].into_boxed_slice(), 0);
+                match held {
+                    Held::Buffer(buf, _) => buf,
+                    _ => return Err(io::Error::other("relay buffer lost")),
+                }
+            }
+        };
+        (&mut &*from).read(buf)
+    }
+
+    /// Writes some of what is held.
+    fn push(&mut self, to: &TcpStream) -> io::Result<usize> {
+        match &mut self.held {
+            #[cfg(target_os = "linux")]
+            Held::Pipe(r, _) => {
+                use nix::fcntl::{SpliceFFlags, splice};
+                let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+                splice(&*r, None, to, None, self.pending, flags).map_err(io::Error::from)
+            }
+            Held::Buffer(buf, start) => {
+                let n = (&mut &*to).write(&buf[*start..*start + self.pending])?;
+                *start += n;
+                Ok(n)
+            }
+            Held::Nothing => Err(io::Error::other("relay octets held in nothing")),
+        }
+    }
+}
+
+/// Has `from` an octet, an EOF or an error to report right now?
+fn readable_now(from: &TcpStream) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Would block, or was interrupted: poll, then try again.
+fn later(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// Copies `from` to `to` with blocking calls; at EOF half-closes `to`, on error
+/// closes both. Returns the octets copied and the error, if any.
 pub fn one_way(from: &TcpStream, to: &TcpStream, copier: Copier) -> (u64, Option<io::Error>) {
     let mut count = 0;
     let mut result = match copier {
@@ -275,8 +519,8 @@ impl io::Read for Counting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
     use std::net::TcpListener;
+    use std::thread;
 
     fn connected() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -18,9 +18,10 @@ use crate::pool::{self, Label, Pairing};
 use crate::relay;
 use crate::server::{PairPermit, Shared, spawn, wake};
 
-/// Stack of a pairing thread: waits, logs and runs one direction of the relay.
-/// Under a quarter of `CONN_STACK`, like `relay::COPY_STACK`, and for the same
-/// reason.
+/// Stack of a pairing thread: waits, logs, then relays the pair (`relay::run`,
+/// whose buffers, when used, are on the heap). Kept under a quarter of
+/// `CONN_STACK`: glibc hands a new thread a cached stack up to four times the
+/// size asked, and a stack that served a TLS handshake keeps its touched pages.
 pub const PAIR_STACK: usize = 48 * 1024;
 
 /// An open rendezvous port.

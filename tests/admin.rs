@@ -516,15 +516,19 @@ fn limits_body_head_labels_and_connections() {
     let idle: Vec<TcpStream> = (0..MAX_ADMIN_CONNS)
         .map(|_| TcpStream::connect(p.addr()).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let mut extra = TcpStream::connect(p.addr()).unwrap();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let _ = extra.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", p.addr()).as_bytes());
-    let mut buf = Vec::new();
-    let _ = extra.read_to_end(&mut buf);
-    assert!(buf.is_empty(), "over the limit: closed unanswered");
+    // (The accept thread takes them in its own time: a probe answered before it
+    // has does not hold a slot afterwards, so probe until one is refused.)
+    let refused = support::wait_until(Duration::from_secs(10), || {
+        let mut extra = TcpStream::connect(p.addr()).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = extra.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", p.addr()).as_bytes());
+        let mut buf = Vec::new();
+        let _ = extra.read_to_end(&mut buf);
+        buf.is_empty()
+    });
+    assert!(refused, "over the limit: closed unanswered");
     drop(idle);
     assert!(support::wait_until(Duration::from_secs(5), || {
         p.request("GET", "/", &[], "").status == 200
