@@ -19,7 +19,7 @@
 //!   the mobile side first sends, or when the connection ends.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -51,6 +51,10 @@ pub const MAX_ANSWER: usize = 16 * 1024;
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Stack of slot and pipe threads.
 pub const AGENT_STACK: usize = 128 * 1024;
+/// A waiting connection the relay closes sooner than this counts as a failure
+/// (backed off), so an agent whose pool exceeds the relay's `max_waiting` does
+/// not re-register in a loop.
+pub const SHORT_WAIT: Duration = Duration::from_secs(2);
 
 /// Where and how to register: read from a provisioning file.
 #[derive(Clone)]
@@ -396,9 +400,26 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
         let wait = match registrar.register(&cfg.label) {
             Ok(plug) => match TcpStream::connect_timeout(&plug, CONNECT_TIMEOUT) {
                 Ok(stream) => {
-                    failures.success(n);
-                    serve_one(n, stream, cfg, stop);
-                    continue;
+                    let since = Instant::now();
+                    match serve_one(n, stream, cfg, stop) {
+                        Waited::Ended if since.elapsed() < SHORT_WAIT => {
+                            // Most likely evicted: more responders wait than
+                            // the relay keeps.
+                            failures.note(
+                                n,
+                                "relay closed the waiting connection at once (more responders than its max_waiting?)",
+                            );
+                            failures.backoff()
+                        }
+                        Waited::LocalDown(e) => {
+                            failures.note(n, &format!("local service {}: {e}", cfg.to));
+                            failures.backoff()
+                        }
+                        Waited::Spoke | Waited::Ended => {
+                            failures.success(n);
+                            continue;
+                        }
+                    }
                 }
                 Err(e) => {
                     failures.note(n, &format!("plug {plug}: {e}"));
@@ -447,9 +468,22 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
     }
 }
 
-/// Waits on one responder connection until the mobile side speaks (or it ends),
-/// then hands it to a pipe thread.
-fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool) {
+/// How a waiting connection ended.
+enum Waited {
+    /// The mobile side spoke: the connection went to a pipe thread.
+    Spoke,
+    /// The relay closed it, or the agent is stopping.
+    Ended,
+    /// `--eager` could not reach the local service.
+    LocalDown(Error),
+}
+
+/// Waits on one responder connection until the mobile side speaks, then hands
+/// it to a pipe thread.
+fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool) -> Waited {
+    // The relay may vanish without a FIN (host down, NAT mapping lost): the
+    // agent never sends on a waiting connection, so only keepalive notices.
+    let _ = crate::pool::set_keepalive(&relayed);
     let early = if cfg.eager {
         match connect_local(&cfg.to) {
             Ok(local) => match (local.try_clone(), relayed.try_clone()) {
@@ -461,38 +495,18 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
                 }
                 _ => None,
             },
-            Err(e) => {
-                log::warn!("slot {n}: local service {}: {e}", cfg.to);
-                return;
-            }
+            Err(e) => return Waited::LocalDown(e),
         }
     } else {
         None
     };
-    let _ = relayed.set_read_timeout(Some(WAIT_TICK));
-    let mut byte = [0u8; 1];
-    loop {
-        match relayed.peek(&mut byte) {
-            Ok(0) => {
-                log::debug!("slot {n}: relay closed the waiting connection");
-                return;
-            }
-            Ok(_) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-            }
-            Err(e) => {
-                log::debug!("slot {n}: waiting connection: {e}");
-                return;
-            }
+    if !mobile_spoke(n, &relayed, stop) {
+        // The eager pipe thread holds clones of both sockets: end it.
+        if let Some(local) = &early {
+            let _ = local.shutdown(Shutdown::Both);
+            let _ = relayed.shutdown(Shutdown::Both);
         }
+        return Waited::Ended;
     }
     let _ = relayed.set_read_timeout(None);
     let peer = relayed
@@ -522,6 +536,37 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
     });
     if let Err(e) = spawned {
         log::error!("slot {n}: {e}");
+    }
+    Waited::Spoke
+}
+
+/// Waits until the mobile side's first octet arrives (true), or the waiting
+/// connection ends or the agent stops (false).
+fn mobile_spoke(n: usize, relayed: &TcpStream, stop: &AtomicBool) -> bool {
+    let _ = relayed.set_read_timeout(Some(WAIT_TICK));
+    let mut byte = [0u8; 1];
+    loop {
+        match relayed.peek(&mut byte) {
+            Ok(0) => {
+                log::debug!("slot {n}: relay closed the waiting connection");
+                return false;
+            }
+            Ok(_) => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::SeqCst) {
+                    return false;
+                }
+            }
+            Err(e) => {
+                log::debug!("slot {n}: waiting connection: {e}");
+                return false;
+            }
+        }
     }
 }
 

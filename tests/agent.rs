@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
@@ -90,6 +90,10 @@ impl Setup {
     }
 
     fn expose(&self, provision: &Path, to: u16) -> Proc {
+        self.expose_with(provision, to, &[])
+    }
+
+    fn expose_with(&self, provision: &Path, to: u16, more: &[&str]) -> Proc {
         Proc(
             Command::new(taas_bin())
                 .args([
@@ -100,6 +104,7 @@ impl Setup {
                     "--pool",
                     "4",
                 ])
+                .args(more)
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -135,17 +140,29 @@ impl Setup {
 
     /// The HTTP status curl sees without following.
     fn status(&self) -> String {
+        self.unfollowed("%{http_code}", &self.bundle)
+    }
+
+    /// The rendezvous address a 307 gives out, once the label has responders.
+    fn rendezvous(&self) -> Option<String> {
+        let url = self.unfollowed("%{redirect_url}", &self.dir.path().join("r.crt"));
+        let rest = url.strip_prefix("https://")?;
+        Some(rest.split('/').next()?.to_string())
+    }
+
+    /// curl's `-w` output for one mobile request that is not followed.
+    fn unfollowed(&self, write_out: &str, cacert: &Path) -> String {
         let out = Command::new("curl")
             .args([
                 "-s",
                 "-o",
                 "/dev/null",
                 "-w",
-                "%{http_code}",
+                write_out,
                 "--max-time",
                 "10",
                 "--cacert",
-                self.bundle.to_str().unwrap(),
+                cacert.to_str().unwrap(),
                 "--resolve",
                 &format!("web.taas.localhost:{}:127.0.0.1", self.port),
                 &format!("https://web.taas.localhost:{}/", self.port),
@@ -225,6 +242,133 @@ impl Drop for Service {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
+}
+
+/// A plain TCP service that speaks first, like SMTP: a banner, then it echoes
+/// what it gets. Counts the connections it accepted; stops on drop.
+struct Banner {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+}
+
+const BANNER: &[u8] = b"220 banner.test ready\r\n";
+
+impl Banner {
+    fn start() -> Banner {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (s, n) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut tcp) = conn else { continue };
+                n.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
+                    if tcp.write_all(BANNER).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 1024];
+                    // Bounded: at most 5 minutes of quiet polls.
+                    for _ in 0..1500 {
+                        if s.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        match tcp.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(k) => {
+                                if tcp.write_all(&buf[..k]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        Banner {
+            port,
+            stop,
+            accepted,
+        }
+    }
+}
+
+impl Drop for Banner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// A mobile client of the banner service: follows the 307 by hand, reads the
+/// banner without sending anything, then checks one echo.
+fn banner_exchange(s: &Setup, line: &[u8]) {
+    let mut q = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            q = s.rendezvous();
+            q.is_some()
+        }),
+        "no 307 for the label"
+    );
+    let mut m = TcpStream::connect(q.unwrap()).unwrap();
+    m.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = vec![0u8; BANNER.len()];
+    m.read_exact(&mut got).unwrap();
+    assert_eq!(got, BANNER, "the server's first octets reach the mobile");
+    m.write_all(line).unwrap();
+    let mut echo = vec![0u8; line.len()];
+    m.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, line);
+}
+
+fn agent_threads(agent: &Proc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", agent.0.id())).map_or(0, |d| d.count())
+}
+
+#[test]
+fn eager_agent_serves_a_server_that_speaks_first() {
+    let s = setup();
+    let _relay = s.serve();
+    let svc = Banner::start();
+    let _agent = s.expose_with(&s.provision, svc.port, &["--eager"]);
+    // Several in a row: the pool refills after each.
+    for i in 0..6 {
+        banner_exchange(&s, format!("EHLO mobile-{i}\r\n").as_bytes());
+    }
+}
+
+/// An agent whose pool is larger than the relay's `max_waiting` sees its
+/// oldest responders evicted: it must back off rather than re-register in a
+/// loop, and an `--eager` agent must not keep a thread and a local connection
+/// per evicted responder.
+#[test]
+fn eager_agent_beyond_max_waiting_backs_off_and_leaks_nothing() {
+    let s = setup();
+    let mut config = std::fs::read_to_string(&s.config).unwrap();
+    config.push_str("max_waiting = 2\n");
+    std::fs::write(&s.config, config).unwrap();
+    let _relay = s.serve();
+    let svc = Banner::start();
+    let agent = s.expose_with(&s.provision, svc.port, &["--eager"]);
+    banner_exchange(&s, b"first\r\n");
+    std::thread::sleep(Duration::from_secs(5));
+    // Before the fix: thousands of registrations and local connections, and
+    // ~500 leaked threads per second.
+    let accepted = svc.accepted.load(Ordering::SeqCst);
+    assert!(accepted < 100, "{accepted} local connections in 5 s");
+    let threads = agent_threads(&agent);
+    assert!(threads < 40, "agent has {threads} threads");
+    banner_exchange(&s, b"still served\r\n");
 }
 
 fn fetch_eventually(s: &Setup, path: &str, limit: Duration) -> bool {
