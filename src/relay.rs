@@ -281,6 +281,14 @@ impl Way {
                     Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
                         self.copier = Copier::Copy;
                     }
+                    // Splice stops at a TCP urgent mark (a peer's MSG_OOB): it
+                    // says EAGAIN while poll says readable, or 0 as at an EOF
+                    // once the peer's FIN is in. A read passes the mark (the
+                    // urgent octet stays out of band, as in any read loop); the
+                    // buffer then serves until the direction is quiet for
+                    // `PIPE_IDLE`, and splice takes over again.
+                    Err(nix::errno::Errno::EAGAIN) if readable_now(from)? => {}
+                    Ok(0) if from.peek(&mut [0u8; 1])? > 0 => {}
                     done => return done.map_err(io::Error::from),
                 }
             }
@@ -450,7 +458,10 @@ mod splice {
                 SPLICE_CHUNK,
                 SpliceFFlags::SPLICE_F_MOVE,
             ) {
-                Ok(0) => return Ok(()),
+                // Nothing spliced: an EOF, or a TCP urgent mark that splice
+                // will not pass (a peek says which); a read loop passes it.
+                Ok(0) if from.peek(&mut [0u8; 1])? == 0 => return Ok(()),
+                Ok(0) => return Err(Refused.into()),
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EINVAL | Errno::ENOSYS) => return Err(Refused.into()),
@@ -627,6 +638,78 @@ mod tests {
                     down: N as u64
                 }
             );
+        }
+    }
+
+    /// Sends "hello ", an urgent octet (MSG_OOB), then "world".
+    fn send_with_urgent(s: &mut TcpStream) {
+        s.write_all(b"hello ").unwrap();
+        socket2::SockRef::from(&*s).send_out_of_band(b"!").unwrap();
+        // After the urgent octet reached the relay's socket.
+        thread::sleep(std::time::Duration::from_millis(50));
+        s.write_all(b"world").unwrap();
+    }
+
+    /// Reads to EOF, failing after 10 s (a relay stuck at the urgent mark).
+    fn read_all(mut s: TcpStream) -> Vec<u8> {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("stalled before EOF");
+        got
+    }
+
+    /// A peer's urgent octet must neither stall a direction nor spin it (splice
+    /// stops at the urgent mark): the data after it flows, and the urgent octet
+    /// stays out of band, as in a read loop.
+    #[test]
+    fn urgent_data_neither_stalls_nor_spins_the_relay() {
+        for copier in [Copier::Splice, Copier::Copy] {
+            let (mobile, mobile_relay) = connected();
+            let (hidden_relay, hidden) = connected();
+            let t =
+                thread::spawn(move || run(Arc::new(mobile_relay), Arc::new(hidden_relay), copier));
+            hidden.shutdown(Shutdown::Write).unwrap();
+            let mut mobile = mobile;
+            // Without an EOF behind it (splice said EAGAIN), then with one
+            // (splice said 0).
+            for round in 0..2 {
+                if round == 1 {
+                    // Splicing again by then, with a fresh pipe.
+                    thread::sleep(PIPE_IDLE + std::time::Duration::from_millis(300));
+                }
+                send_with_urgent(&mut mobile);
+                let mut got = [0u8; 11];
+                let mut h = hidden.try_clone().unwrap();
+                h.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .unwrap();
+                if round == 1 {
+                    mobile.shutdown(Shutdown::Write).unwrap();
+                }
+                h.read_exact(&mut got).expect("stalled at the urgent mark");
+                assert_eq!(&got, b"hello world", "{copier:?}");
+            }
+            assert_eq!(read_all(hidden), b"", "{copier:?}: EOF after the data");
+            let (moved, err) = t.join().unwrap();
+            assert!(err.is_none(), "{copier:?}: {err:?}");
+            assert_eq!(moved.up, 22, "{copier:?}");
+        }
+    }
+
+    /// The same through the blocking `one_way` (the agent's `--eager` side).
+    #[test]
+    fn urgent_data_passes_one_way() {
+        for copier in [Copier::Splice, Copier::Copy] {
+            let (a, a_relay) = connected();
+            let (b_relay, b) = connected();
+            let t = thread::spawn(move || one_way(&a_relay, &b_relay, copier));
+            let mut a = a;
+            send_with_urgent(&mut a);
+            a.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(read_all(b), b"hello world", "{copier:?}");
+            let (count, err) = t.join().unwrap();
+            assert_eq!(count, 11, "{copier:?}");
+            assert!(err.is_none(), "{copier:?}: {err:?}");
         }
     }
 }
