@@ -42,14 +42,30 @@ pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Resu
 fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, registrant: IpAddr) {
     let deadline = Instant::now() + shared.config.plug_timeout;
     let mut tick = Duration::from_millis(1);
+    // Connections refused for their address and accept errors: the first of
+    // each is logged, the rest counted in the closing line.
+    let (mut refused, mut errors) = (0u32, 0u32);
     while !shared.stopping() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            log::warn!(
+                "plug {port} for {}: no connection within plug_timeout ({} s); refused {refused} from other addresses, {errors} accept errors",
+                label.name,
+                shared.config.plug_timeout.as_secs_f64()
+            );
+            shared.metrics.refused("plug_timeout");
+            return;
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 if shared.config.plug_same_ip && peer.ip() != registrant {
-                    log::warn!(
-                        "plug {port} for {}: refused {peer}, registered from {registrant}",
-                        label.name
-                    );
+                    refused += 1;
+                    if refused == 1 {
+                        log::warn!(
+                            "plug {port} for {}: refused {peer}, registered from {registrant}",
+                            label.name
+                        );
+                    }
                     shared.metrics.refused("plug_same_ip");
                     continue;
                 }
@@ -71,25 +87,15 @@ fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, regis
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    log::warn!(
-                        "plug {port} for {}: no connection within plug_timeout ({} s)",
-                        label.name,
-                        shared.config.plug_timeout.as_secs_f64()
-                    );
-                    shared.metrics.refused("plug_timeout");
-                    return;
-                }
                 std::thread::sleep(tick.min(left));
                 tick = (tick * 2).min(MAX_TICK);
             }
             Err(e) => {
-                log::warn!("plug {port} for {}: accept: {e}", label.name);
-                std::thread::sleep(MAX_TICK);
-                if Instant::now() >= deadline {
-                    return;
+                errors += 1;
+                if errors == 1 {
+                    log::warn!("plug {port} for {}: accept: {e}", label.name);
                 }
+                std::thread::sleep(MAX_TICK.min(left));
             }
         }
     }

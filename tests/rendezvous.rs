@@ -205,6 +205,34 @@ fn plug_stops_listening_after_plug_timeout() {
     );
 }
 
+/// A stranger knocking on a plug without pause neither keeps it open past
+/// `plug_timeout` nor gets in.
+#[test]
+fn plug_times_out_while_a_stranger_keeps_knocking() {
+    let relay = TestRelay::start("plug_timeout = 1");
+    let p = relay.add_account("demo");
+    let r = relay.register(&p, "demo");
+    assert_eq!(r.status, 200);
+    let plug: SocketAddr = r.body.trim().parse().unwrap();
+    let stranger: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut knocks = 0;
+    // Bounded: 5,000 knocks at most, a few ms apart.
+    while knocks < 5000 && support::connect_from(stranger, plug).is_ok() {
+        knocks += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        knocks < 5000,
+        "plug {plug} still open after {knocks} knocks"
+    );
+    assert!(knocks > 0);
+    assert_eq!(relay.waiting("demo"), 0);
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_refusals_total{limit=\"plug_timeout\"}"
+    ) == 1));
+}
+
 #[test]
 fn full_pool_evicts_the_oldest() {
     let relay = TestRelay::start("max_waiting = 2");
