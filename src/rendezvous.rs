@@ -170,7 +170,7 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
         "pair {}: mobile {peer} <-> hidden {} path {:?}",
         label.name,
         responder.peer,
-        record.pathname
+        crate::server::loggable_target(&record.pathname)
     );
     label.record(record);
     shared.metrics.pair_opened();

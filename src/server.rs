@@ -585,7 +585,7 @@ fn serve<S: std::io::Read + std::io::Write + HasDeadline>(
         "{} {}{} from {peer}{}: {} {}",
         head.method,
         head.host.as_deref().unwrap_or("-"),
-        head.target,
+        loggable_target(&head.target),
         id_of(&head),
         response.status,
         response.note
@@ -598,6 +598,15 @@ fn serve<S: std::io::Read + std::io::Write + HasDeadline>(
     response
         .write_to(&mut io)
         .map_err(|e| Error::io("answer", e))
+}
+
+/// A request target as logged: the path, and "?…" in place of a query, which
+/// may carry the hidden service's users' secrets (`?code=`, `?token=`).
+pub fn loggable_target(target: &str) -> std::borrow::Cow<'_, str> {
+    match target.split_once('?') {
+        Some((path, _)) => format!("{path}?…").into(),
+        None => target.into(),
+    }
 }
 
 /// " id X" when the head carries TOTP credentials (the ID is not a secret).

@@ -149,6 +149,16 @@ fn version_names_the_git_revision() {
     }
 }
 
+/// A child process killed on drop, so a failed assertion leaves none behind.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,12 +189,14 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
     );
     assert!(ok);
     let p = taas::provision::Provision::load(std::path::Path::new(out.trim())).unwrap();
-    let mut child = Command::new(taas_bin())
-        .args(["serve", "-c", c])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
+    let mut child = Reap(
+        Command::new(taas_bin())
+            .args(["serve", "-c", c])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
     let log = dir.path().join("taas.log");
     assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
         ("127.0.0.1", port)
@@ -244,6 +256,14 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
     mobile.write_all(b"before").unwrap();
     let mut buf = [0u8; 6];
     hidden.read_exact(&mut buf).unwrap();
+    // The mobile's path is logged, its query (a secret of the hidden service's
+    // users, often) is not.
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("pair demo"))
+    }));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("/app?…"), "{text}");
+    assert!(!text.contains("s3cret-query"), "a query reached the log");
 
     // SIGTERM: no new connections, but the pair goes on until it ends.
     assert!(
@@ -265,7 +285,7 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
     drop(hidden);
     let mut status = None;
     assert!(wait_until(Duration::from_secs(15), || {
-        status = child.try_wait().unwrap();
+        status = child.0.try_wait().unwrap();
         status.is_some()
     }));
     assert!(status.unwrap().success(), "exit status {status:?}");
@@ -277,7 +297,11 @@ fn rendezvous_port(p: &taas::provision::Provision, port: u16) -> Option<u16> {
     let name = rustls::pki_types::ServerName::try_from("demo.taas.localhost").unwrap();
     let conn = rustls::ClientConnection::new(cfg, name).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(("127.0.0.1", port)).ok()?);
-    write!(tls, "GET / HTTP/1.1\r\nHost: demo.taas.localhost\r\n\r\n").ok()?;
+    write!(
+        tls,
+        "GET /app?code=s3cret-query HTTP/1.1\r\nHost: demo.taas.localhost\r\n\r\n"
+    )
+    .ok()?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
     let r = support::Reply::parse(&out);
