@@ -289,7 +289,11 @@ impl Store {
                 })?;
                 found
             }
-            Store::Redis(s) => s.del(id)?,
+            // Only a key that holds an account: a shared Redis has others.
+            Store::Redis(s) => s.locked(|| match s.get(id)? {
+                Some(_) => s.del(id),
+                None => Ok(false),
+            })?,
         };
         if removed {
             Ok(())
@@ -391,6 +395,7 @@ impl FileStore {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| Error::file(&lock_path, "open", e))?;
+        self.keep_owner(&lock_path)?;
         file.lock()
             .map_err(|e| Error::file(&lock_path, "lock", e))?;
         Ok(file)
@@ -405,7 +410,33 @@ impl FileStore {
         })?;
         text.push(b'\n');
         write_private(&tmp, &text, 0o600)?;
+        self.keep_owner(&tmp)?;
         Ok(tmp)
+    }
+
+    /// Gives `path` the owner of the store (of its directory before the first
+    /// write) when it differs: root running `taas users` on the relay's store
+    /// would otherwise make it root's, 0600, unreadable for the relay. Where the
+    /// caller may not give files away (not root), the file stays the caller's.
+    fn keep_owner(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let want = fs::metadata(&self.path)
+            .or_else(|_| fs::metadata(dir))
+            .map_err(|e| Error::file(dir, "stat", e))?;
+        let have = fs::metadata(path).map_err(|e| Error::file(path, "stat", e))?;
+        if (want.uid(), want.gid()) == (have.uid(), have.gid()) {
+            return Ok(());
+        }
+        match std::os::unix::fs::chown(path, Some(want.uid()), Some(want.gid())) {
+            Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => {
+                Err(Error::file(path, "give to the store's owner", e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Renames the temporary file over the store and fsyncs the directory.
@@ -501,15 +532,18 @@ impl RedisStore {
             let Some(conn) = slot.as_mut() else { continue };
             match f(conn) {
                 Ok(v) => return Ok(v),
-                Err(e)
-                    if e.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
-                {
-                    return Err(Error::StoreUnavailable(format!("redis {}: {e}", self.addr)));
-                }
-                Err(e) => {
+                // The connection failed: a new one gets the command once more.
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
                     *slot = None;
                     last = Some(e);
+                }
+                // Redis answered with an error (WRONGTYPE, OOM, NOAUTH, ...): the
+                // connection is fine, and asking again would not help.
+                Err(e) => {
+                    if e.kind() == redis::ErrorKind::Parse {
+                        *slot = None;
+                    }
+                    return Err(Error::StoreUnavailable(format!("redis {}: {e}", self.addr)));
                 }
             }
         }
@@ -579,13 +613,16 @@ impl RedisStore {
     }
 
     fn get(&self, id: &str) -> Result<Option<Account>> {
-        let raw: Option<String> = match self.with(|c| redis::cmd("GET").arg(id).query(c)) {
-            Ok(v) => v,
-            // A key of another type (WRONGTYPE) is not an account.
-            Err(Error::StoreUnavailable(why)) if why.contains("WRONGTYPE") => None,
-            Err(e) => return Err(e),
-        };
-        Ok(raw.and_then(|text| parse_record(id, &text)))
+        Ok(self.raw(id)?.and_then(|text| parse_record(id, &text)))
+    }
+
+    /// The string value of `key`; `None` for no key or a key of another type.
+    fn raw(&self, key: &str) -> Result<Option<String>> {
+        match self.with(|c| redis::cmd("GET").arg(key).query(c)) {
+            Ok(v) => Ok(v),
+            Err(Error::StoreUnavailable(why)) if why.contains("WRONGTYPE") => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn list(&self) -> Result<Vec<Account>> {
@@ -631,6 +668,8 @@ impl RedisStore {
         })?;
         match (done, new) {
             (Some(_), _) => Ok(()),
+            // A first try that timed out may have landed before the retry.
+            (None, true) if self.raw(&account.uuid)?.as_deref() == Some(json.as_str()) => Ok(()),
             (None, true) => Err(Error::AccountExists(account.uuid.clone())),
             (None, false) => Err(Error::NoSuchAccount(account.uuid.clone())),
         }

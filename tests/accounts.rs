@@ -413,12 +413,62 @@ fn redis_foreign_keys_are_not_accounts() {
         .arg("x")
         .query::<()>(&mut c)
         .unwrap();
+    let connections = |c: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("stats").query(c).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = connections(&mut c);
     assert_eq!(ids(&r.store), [a.uuid.as_str()]);
     assert!(r.store.get("not-json").unwrap().is_none());
     assert!(r.store.get("a-list").unwrap().is_none());
+    // A WRONGTYPE answer is not a broken connection: no reconnect.
+    assert_eq!(connections(&mut c), before, "the store reconnected");
+    // `remove` deletes accounts only, never another program's keys.
+    for key in ["not-json", "a-list"] {
+        match r.store.remove(key) {
+            Err(Error::NoSuchAccount(id)) => assert_eq!(id, key),
+            other => panic!("remove {key}: {other:?}"),
+        }
+    }
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("not-json")
+        .arg("a-list")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(exists, 2, "a foreign key was deleted");
 }
 
 // ---- File only. ----
+
+/// Root writing the relay's store (`sudo taas users add`) leaves the store and
+/// its lock file to the owner of their directory, so the relay can still read
+/// them.
+#[test]
+fn file_store_keeps_its_owner_when_root_writes() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        println!("skipped: needs root to give files away");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    let path = data.join("accounts.json");
+    let store = Store::open(&StoreSpec::File(path.clone())).unwrap();
+    store.insert(&new_account(&["first"])).unwrap();
+    store.insert(&new_account(&["second"])).unwrap();
+    for p in [path.clone(), data.join("accounts.json.lock")] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", p.display());
+    }
+    assert_eq!(store.list().unwrap().len(), 2);
+}
 
 /// Every read goes to the file: a second instance sees the first one's writes
 /// (and the other way round) without being reopened.
