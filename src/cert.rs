@@ -61,7 +61,10 @@ pub fn write_new(config: &Config) -> Result<()> {
     }
     let (cert, key) = generate(subject_alt_names(config))?;
     create_new(&config.key, key.as_bytes(), 0o400)?;
-    create_new(&config.cert, cert.as_bytes(), 0o444)
+    // Both or neither: a key without its certificate would block the next try.
+    create_new(&config.cert, cert.as_bytes(), 0o444).inspect_err(|_| {
+        let _ = fs::remove_file(&config.key);
+    })
 }
 
 /// On first start with the default paths and TLS on: make the certificate when
@@ -88,7 +91,10 @@ fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .and_then(|()| f.set_permissions(fs::Permissions::from_mode(mode)))
-        .map_err(|e| Error::file(path, "write", e))
+        .map_err(|e| {
+            let _ = fs::remove_file(path);
+            Error::file(path, "write", e)
+        })
 }
 
 /// Loads every certificate of a PEM file.

@@ -180,11 +180,17 @@ impl Provision {
         let json_path = dir.join(format!("{}.json", self.id()));
         let js_path = dir.join(format!("{}.js", self.id()));
         write_private(&json_path, format!("{json}\n").as_bytes(), 0o600)?;
+        // Both or neither: the caller rolls the account back on an error, so no
+        // file with its secret may stay behind.
         write_private(
             &js_path,
             format!("exports.params = {json};\n").as_bytes(),
             0o600,
-        )?;
+        )
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&json_path);
+            let _ = std::fs::remove_file(&js_path);
+        })?;
         Ok((json_path, js_path))
     }
 }

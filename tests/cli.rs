@@ -359,6 +359,20 @@ fn cert_modes_and_refuses_overwrite() {
     one_line_error(taas(d, &["cert", "-c", &config]), "cert without key");
     assert!(!key.exists(), "a lone key was made");
     assert_eq!(std::fs::read(&crt).unwrap(), crt_pem);
+
+    // The certificate cannot be written (its directory is a file): no key stays
+    // behind to block the next try.
+    std::fs::write(d.join("a-file"), "").unwrap();
+    let config = write_config(
+        d,
+        &format!(
+            "cert = \"{0}/a-file/relay.crt\"\nkey = \"{0}/keys2/relay.key\"\n",
+            d.display()
+        ),
+    );
+    let line = one_line_error(taas(d, &["cert", "-c", &config]), "unwritable cert");
+    assert!(line.contains("a-file"), "{line}");
+    assert!(!d.join("keys2/relay.key").exists(), "a lone key was left");
 }
 
 /// Each failure is one line on stderr naming what is wrong, and a non-zero exit.
