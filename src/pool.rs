@@ -106,9 +106,37 @@ pub struct Label {
     pairings: Mutex<VecDeque<Pairing>>,
     /// When a responder last arrived or was paired.
     last_active: Mutex<Option<Instant>>,
+    /// Plugs open for this label (bounded by `max_plugs`).
+    plugs: std::sync::atomic::AtomicUsize,
 }
 
 impl Label {
+    /// Plugs one label may have open at once: twice its pool, room for two
+    /// agents refilling it together. One leaked token must not take the whole
+    /// port range from every other label.
+    pub fn max_plugs(&self) -> usize {
+        2 * self.tx.capacity().unwrap_or(1).max(1)
+    }
+
+    /// Counts a plug opening; false (and not counted) at `max_plugs`.
+    pub fn plug_opened(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let max = self.max_plugs();
+        self.plugs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Counts a plug closing.
+    pub fn plug_closed(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .plugs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
     /// A label with an empty pool of capacity `max_waiting`.
     pub fn new(name: &str, max_waiting: usize) -> Label {
         let (tx, rx) = bounded(max_waiting);
@@ -120,6 +148,7 @@ impl Label {
             rendezvous: Mutex::new(None),
             redirects: Mutex::new(VecDeque::new()),
             pairings: Mutex::new(VecDeque::new()),
+            plugs: std::sync::atomic::AtomicUsize::new(0),
             last_active: Mutex::new(None),
         }
     }

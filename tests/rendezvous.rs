@@ -252,6 +252,34 @@ fn full_pool_evicts_the_oldest() {
     expect(&mut h3, b"three");
 }
 
+/// A label may hold twice `max_waiting` plugs open; past that a registration
+/// gets 503 (one leaked token cannot take the port range), other labels are
+/// not affected, and a plug that is used makes room again.
+#[test]
+fn plugs_per_label_are_bounded() {
+    let relay = TestRelay::start("max_waiting = 2");
+    let p = relay.add_account("demo");
+    let other = relay.add_account("other");
+    let plugs: Vec<SocketAddr> = (0..4)
+        .map(|_| {
+            let r = relay.register(&p, "demo");
+            assert_eq!(r.status, 200, "{r:?}");
+            r.body.trim().parse().unwrap()
+        })
+        .collect();
+    let refused = relay.register(&p, "demo");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        support::metric(&relay, "taas_refusals_total{limit=\"plugs_per_label\"}"),
+        1
+    );
+    assert_eq!(relay.register(&other, "other").status, 200);
+    let _hidden = connect(plugs[0]);
+    assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
+    assert_eq!(relay.register(&p, "demo").status, 200);
+}
+
 #[test]
 fn dead_responders_are_never_paired() {
     let relay = TestRelay::start("");
