@@ -121,7 +121,10 @@ impl Guard {
         peer: IpAddr,
         unix_time: u64,
     ) -> Result<Account> {
-        let keys = [Key::Addr(peer), Key::Id(creds.username.clone())];
+        let keys = [
+            Key::Addr(crate::server::source(peer)),
+            Key::Id(creds.username.clone()),
+        ];
         self.check(&keys)?;
         let Some(account) = store.get(&creds.username)? else {
             self.fail(&keys);

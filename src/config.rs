@@ -74,6 +74,8 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Relayed pairs at once (default 4096).
     pub max_pairs: usize,
+    /// Relayed pairs at once with mobiles from one address (default 64).
+    pub max_pairs_per_ip: usize,
     /// On SIGTERM, how long live pairs may go on (default 10 s).
     pub shutdown_grace: Duration,
     /// When set, every registration is answered 307 to this registrar URL.
@@ -113,6 +115,7 @@ struct RawConfig {
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     max_pairs: Option<usize>,
+    max_pairs_per_ip: Option<usize>,
     shutdown_grace: Option<f64>,
     registrar_redirect: Option<String>,
     status_listen: Option<String>,
@@ -268,6 +271,7 @@ impl Config {
                 32,
             )?,
             max_pairs: positive("max_pairs", raw.max_pairs, 4096)?,
+            max_pairs_per_ip: positive("max_pairs_per_ip", raw.max_pairs_per_ip, 64)?,
             shutdown_grace: seconds("shutdown_grace", raw.shutdown_grace, 10.0)?,
             registrar_redirect,
             status_listen,

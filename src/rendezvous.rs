@@ -119,12 +119,15 @@ fn accept_loop(shared: &Arc<Shared>, label: &Arc<Label>, rv: &Rendezvous, listen
             }
         };
         rv.touch();
-        let Some(permit) = shared.acquire_pair() else {
-            shared
-                .refusals
-                .note("max_pairs", &format!("{} from {peer}", label.name));
-            shared.metrics.refused("max_pairs");
-            continue;
+        let permit = match shared.acquire_pair(peer.ip()) {
+            Ok(permit) => permit,
+            Err(limit) => {
+                shared
+                    .refusals
+                    .note(limit, &format!("{} from {peer}", label.name));
+                shared.metrics.refused(limit);
+                continue;
+            }
         };
         let (s, l) = (shared.clone(), label.clone());
         if let Err(e) = spawn("pair", PAIR_STACK, move || {

@@ -131,14 +131,21 @@ pub struct Pairs {
     next: AtomicU64,
     /// Permit number to the pair's sockets (once paired).
     live: Mutex<LivePairs>,
+    /// Pairs per mobile address (`source`), capped at `max_pairs_per_ip`.
+    per_ip: ConnLimit,
 }
 
 impl Pairs {
-    fn new(max: usize) -> Pairs {
+    fn new(max: usize, max_per_ip: usize) -> Pairs {
         Pairs {
             max,
             next: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
+            per_ip: ConnLimit {
+                max,
+                max_per_ip,
+                open: Mutex::new((0, HashMap::new())),
+            },
         }
     }
 
@@ -157,18 +164,39 @@ impl Pairs {
 }
 
 impl Shared {
-    /// A pair slot, or `None` at `max_pairs`.
-    pub fn acquire_pair(self: &Arc<Shared>) -> Option<PairPermit> {
+    /// A pair slot for a mobile from `ip`, or the limit that refused it
+    /// (`max_pairs`, `max_pairs_per_ip`).
+    pub fn acquire_pair(
+        self: &Arc<Shared>,
+        ip: IpAddr,
+    ) -> std::result::Result<PairPermit, &'static str> {
         let mut live = self.pairs.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.len() >= self.pairs.max {
-            return None;
+            return Err("max_pairs");
         }
+        self.pairs
+            .per_ip
+            .acquire(ip)
+            .map_err(|_| "max_pairs_per_ip")?;
         let id = self.pairs.next.fetch_add(1, Ordering::Relaxed);
         live.insert(id, None);
-        Some(PairPermit {
+        Ok(PairPermit {
             shared: self.clone(),
             id,
+            ip,
         })
+    }
+}
+
+/// The address a per-address limit counts: an IPv6 address by its /64 (one
+/// host commonly has a whole /64), an IPv4-mapped one as IPv4.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !0u128 << 64).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -178,6 +206,8 @@ pub struct PairPermit {
     shared: Arc<Shared>,
     /// Its number.
     id: u64,
+    /// The mobile's address.
+    ip: IpAddr,
 }
 
 impl PairPermit {
@@ -198,6 +228,7 @@ impl PairPermit {
 impl Drop for PairPermit {
     fn drop(&mut self) {
         self.live().remove(&self.id);
+        self.shared.pairs.per_ip.release(self.ip);
     }
 }
 
@@ -214,6 +245,7 @@ struct ConnLimit {
 impl ConnLimit {
     /// Takes a slot for `ip`, or says which limit refused it.
     fn acquire(&self, ip: IpAddr) -> std::result::Result<(), &'static str> {
+        let ip = source(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.0 >= self.max {
             return Err("max_connections");
@@ -228,6 +260,7 @@ impl ConnLimit {
     }
 
     fn release(&self, ip: IpAddr) {
+        let ip = source(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.0 = open.0.saturating_sub(1);
         if let Some(n) = open.1.get_mut(&ip) {
@@ -346,7 +379,7 @@ impl Server {
         let shared = Arc::new(Shared {
             guard: Guard::new(config.auth_fail_budget, config.auth_fail_refill),
             labels: Labels::new(config.max_waiting),
-            pairs: Pairs::new(config.max_pairs),
+            pairs: Pairs::new(config.max_pairs, config.max_pairs_per_ip),
             conns: ConnLimit {
                 max: config.max_connections,
                 max_per_ip: config.max_connections_per_ip,
@@ -758,6 +791,31 @@ pub fn wait_for_signal(on_hup: impl Fn()) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_address_limits_count_ipv6_by_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(source(ip("2001:db8:1:3::1")), source(ip("2001:db8:1:2::1")));
+        let limit = ConnLimit {
+            max: 10,
+            max_per_ip: 1,
+            open: Mutex::new((0, HashMap::new())),
+        };
+        assert!(limit.acquire(ip("2001:db8::1")).is_ok());
+        assert_eq!(
+            limit.acquire(ip("2001:db8::2")),
+            Err("max_connections_per_ip")
+        );
+        limit.release(ip("2001:db8::1"));
+        assert!(limit.acquire(ip("2001:db8::2")).is_ok());
+    }
 
     #[test]
     fn host_routing() {

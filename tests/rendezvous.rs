@@ -536,12 +536,17 @@ fn hidden_half_close_reaches_mobile_which_keeps_sending() {
     assert_eq!(rest, b"still talking");
 }
 
-#[test]
-fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
-    let relay = TestRelay::start("max_pairs = 1");
+/// A relay started with `config` pairs one mobile; the next, from the same
+/// address, is closed by `limit` without taking a responder. Returns the relay,
+/// the rendezvous port, the live pair (mobile, hidden) and the responder left.
+fn second_mobile_refused(
+    config: &str,
+    limit: &str,
+) -> (TestRelay, SocketAddr, (TcpStream, TcpStream), TcpStream) {
+    let relay = TestRelay::start(config);
     let p = relay.add_account("demo");
     let mut h1 = relay.responder(&p, "demo");
-    let mut h2 = relay.responder(&p, "demo");
+    let h2 = relay.responder(&p, "demo");
     let q = relay.rendezvous("demo", "/").unwrap();
     let mut m1 = connect(q);
     m1.write_all(b"one").unwrap();
@@ -553,8 +558,36 @@ fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
         1,
         "the refused one took no responder"
     );
-    assert!(support::metric(&relay, "taas_refusals_total{limit=\"max_pairs\"}") >= 1);
-    drop((m1, h1));
+    let metric = format!("taas_refusals_total{{limit=\"{limit}\"}}");
+    assert_eq!(support::metric(&relay, &metric), 1);
+    (relay, q, (m1, h1), h2)
+}
+
+/// One address holds at most `max_pairs_per_ip` pairs; another address is
+/// still paired, and the first may pair again once its pair ended.
+#[test]
+fn pairs_per_address_are_bounded() {
+    let (relay, q, first, mut h2) =
+        second_mobile_refused("max_pairs_per_ip = 1", "max_pairs_per_ip");
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut m3 = support::connect_from(other, q).unwrap();
+    m3.write_all(b"two").unwrap();
+    expect(&mut h2, b"two");
+    drop(first);
+    let shared = relay.server.shared().clone();
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 1));
+    let p = relay.add_account("more");
+    let mut h4 = relay.responder(&p, "more");
+    let q4 = relay.rendezvous("more", "/").unwrap();
+    let mut m4 = connect(q4);
+    m4.write_all(b"again").unwrap();
+    expect(&mut h4, b"again");
+}
+
+#[test]
+fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
+    let (relay, q, first, mut h2) = second_mobile_refused("max_pairs = 1", "max_pairs");
+    drop(first);
     let shared = relay.server.shared().clone();
     assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
     let mut m3 = connect(q);
