@@ -385,7 +385,7 @@ impl Relay {
             &config,
             format!(
                 "port = {port}\nstore = \"file:{d}/accounts.json\"\ncert = \"{d}/r.crt\"\nkey = \"{d}/r.key\"\n\
-                 max_waiting = 20000\nmax_pairs = 20000\nmax_pairs_per_ip = 20000\nmax_connections = 4096\nmax_connections_per_ip = 4096\n\
+                 max_waiting = 20000\nmax_pairs = 20000\nmax_pairs_per_ip = 20000\nfirst_octet_timeout = 600\nmax_connections = 4096\nmax_connections_per_ip = 4096\n\
                  pair_wait = 10\nsplice = {splice}\n"
             ),
         )?;

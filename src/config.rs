@@ -78,6 +78,8 @@ pub struct Config {
     pub max_pairs_per_ip: usize,
     /// On SIGTERM, how long live pairs may go on (default 10 s).
     pub shutdown_grace: Duration,
+    /// A pair where no octet moved either way this long is closed (default 60 s).
+    pub first_octet_timeout: Duration,
     /// When set, every registration is answered 307 to this registrar URL.
     pub registrar_redirect: Option<String>,
     /// The status listener (`/metrics`, `/status`, `/ready`); off when unset.
@@ -117,6 +119,7 @@ struct RawConfig {
     max_pairs: Option<usize>,
     max_pairs_per_ip: Option<usize>,
     shutdown_grace: Option<f64>,
+    first_octet_timeout: Option<f64>,
     registrar_redirect: Option<String>,
     status_listen: Option<String>,
     splice: Option<bool>,
@@ -273,6 +276,7 @@ impl Config {
             max_pairs: positive("max_pairs", raw.max_pairs, 4096)?,
             max_pairs_per_ip: positive("max_pairs_per_ip", raw.max_pairs_per_ip, 64)?,
             shutdown_grace: seconds("shutdown_grace", raw.shutdown_grace, 10.0)?,
+            first_octet_timeout: seconds("first_octet_timeout", raw.first_octet_timeout, 60.0)?,
             registrar_redirect,
             status_listen,
             copier: if raw.splice.unwrap_or(true) {

@@ -77,6 +77,18 @@ pub fn run(
     hidden: Arc<TcpStream>,
     copier: Copier,
 ) -> (Moved, Option<io::Error>) {
+    run_unless_silent(mobile, hidden, copier, None)
+}
+
+/// `run`, but a pair where no octet has moved either way within `first_octet`
+/// is closed (a `TimedOut` error): a silent connection must not hold a
+/// responder for ever.
+pub fn run_unless_silent(
+    mobile: Arc<TcpStream>,
+    hidden: Arc<TcpStream>,
+    copier: Copier,
+    first_octet: Option<std::time::Duration>,
+) -> (Moved, Option<io::Error>) {
     let (mobile, hidden) = (&*mobile, &*hidden);
     let mut up = Way::new(copier);
     let mut down = Way::new(copier);
@@ -84,12 +96,18 @@ pub fn run(
         .set_nonblocking(true)
         .and_then(|()| hidden.set_nonblocking(true))
         .err();
+    let mut silent_until = first_octet.map(|d| std::time::Instant::now() + d);
     while error.is_none() && !(up.done && down.done) {
         error = up
             .advance(mobile, hidden)
             .and_then(|()| down.advance(hidden, mobile))
-            .and_then(|()| wait(mobile, hidden, &mut up, &mut down))
             .err();
+        if up.count + down.count + (up.pending + down.pending) as u64 > 0 {
+            silent_until = None;
+        }
+        if error.is_none() {
+            error = wait(mobile, hidden, &mut up, &mut down, silent_until).err();
+        }
     }
     if error.is_some() {
         close_both(mobile, hidden);
@@ -102,8 +120,15 @@ pub fn run(
 }
 
 /// Waits until a direction can move, or for `PIPE_IDLE` when a direction holds
-/// an empty pipe or buffer, which is then given back.
-fn wait(mobile: &TcpStream, hidden: &TcpStream, up: &mut Way, down: &mut Way) -> io::Result<()> {
+/// an empty pipe or buffer, which is then given back; `TimedOut` once
+/// `silent_until` passes.
+fn wait(
+    mobile: &TcpStream,
+    hidden: &TcpStream,
+    up: &mut Way,
+    down: &mut Way,
+    silent_until: Option<std::time::Instant>,
+) -> io::Result<()> {
     use nix::poll::{PollFd, PollTimeout, poll};
     use std::os::fd::AsFd;
     if up.done && down.done {
@@ -124,10 +149,25 @@ fn wait(mobile: &TcpStream, hidden: &TcpStream, up: &mut Way, down: &mut Way) ->
     } else {
         &mut set[..]
     };
-    let timeout = if up.holds_idle() || down.holds_idle() {
-        PollTimeout::try_from(PIPE_IDLE).unwrap_or(PollTimeout::MAX)
-    } else {
-        PollTimeout::NONE
+    let idle = (up.holds_idle() || down.holds_idle()).then_some(PIPE_IDLE);
+    let silent = match silent_until {
+        Some(t) => {
+            let left = t.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no octet either way since the pairing",
+                ));
+            }
+            Some(left)
+        }
+        None => None,
+    };
+    let timeout = match idle.into_iter().chain(silent).min() {
+        // Rounded up: a poll woken a little early would only loop once more.
+        Some(d) => PollTimeout::try_from(d + std::time::Duration::from_millis(1))
+            .unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
     };
     match poll(fds, timeout) {
         Ok(0) => {
@@ -710,6 +750,57 @@ mod tests {
             let (count, err) = t.join().unwrap();
             assert_eq!(count, 11, "{copier:?}");
             assert!(err.is_none(), "{copier:?}: {err:?}");
+        }
+    }
+
+    /// A pair relayed by `run_unless_silent` in a thread: (mobile, hidden, thread).
+    fn silent_pair(
+        copier: Copier,
+        quiet: std::time::Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        thread::JoinHandle<(Moved, Option<io::Error>)>,
+    ) {
+        let (mobile, mobile_relay) = connected();
+        let (hidden_relay, hidden) = connected();
+        let t = thread::spawn(move || {
+            run_unless_silent(
+                Arc::new(mobile_relay),
+                Arc::new(hidden_relay),
+                copier,
+                Some(quiet),
+            )
+        });
+        (mobile, hidden, t)
+    }
+
+    /// A pair silent both ways is closed after `first_octet`; one where an
+    /// octet moved is not, however quiet it is later.
+    #[test]
+    fn silent_pairs_are_closed_and_others_are_not() {
+        let quiet = std::time::Duration::from_millis(300);
+        for copier in [Copier::Splice, Copier::Copy] {
+            let (mut mobile, mut hidden, t) = silent_pair(copier, quiet);
+            let (moved, err) = t.join().unwrap();
+            assert_eq!(moved, Moved::default());
+            assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+            let mut rest = Vec::new();
+            assert_eq!(hidden.read_to_end(&mut rest).unwrap_or(0), 0);
+            assert_eq!(mobile.read_to_end(&mut rest).unwrap_or(0), 0);
+
+            let (mut mobile, mut hidden, t) = silent_pair(copier, quiet);
+            mobile.write_all(b"x").unwrap();
+            thread::sleep(quiet * 2);
+            mobile.write_all(b"yz").unwrap();
+            mobile.shutdown(Shutdown::Write).unwrap();
+            hidden.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            hidden.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"xyz", "{copier:?}");
+            let (moved, err) = t.join().unwrap();
+            assert!(err.is_none(), "{copier:?}: {err:?}");
+            assert_eq!(moved.up, 3);
         }
     }
 }

@@ -178,7 +178,12 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();
-    let (moved, err) = relay::run(mobile, hidden, shared.config.copier);
+    let (moved, err) = relay::run_unless_silent(
+        mobile,
+        hidden,
+        shared.config.copier,
+        Some(shared.config.first_octet_timeout),
+    );
     shared.metrics.pair_closed(moved.up, moved.down);
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
     log::info!(

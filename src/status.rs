@@ -146,6 +146,7 @@ fn status_json(shared: &Shared) -> String {
             "max_connections_per_ip": c.max_connections_per_ip,
             "max_pairs": c.max_pairs,
             "max_pairs_per_ip": c.max_pairs_per_ip,
+            "first_octet_timeout": c.first_octet_timeout.as_secs_f64(),
             "max_waiting": c.max_waiting,
             "max_head": c.max_head,
             "head_timeout": c.head_timeout.as_secs_f64(),

@@ -536,6 +536,29 @@ fn hidden_half_close_reaches_mobile_which_keeps_sending() {
     assert_eq!(rest, b"still talking");
 }
 
+/// A mobile that connects and says nothing is closed after
+/// `first_octet_timeout`, and so is its responder: it holds neither for ever.
+#[test]
+fn silent_pairs_are_closed_after_first_octet_timeout() {
+    let relay = TestRelay::start("first_octet_timeout = 0.5");
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    hidden
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobile = connect(q);
+    mobile
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_closed(&mut hidden);
+    assert_closed(&mut mobile);
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_pairs_closed_total"
+    ) == 1));
+}
+
 /// A relay started with `config` pairs one mobile; the next, from the same
 /// address, is closed by `limit` without taking a responder. Returns the relay,
 /// the rendezvous port, the live pair (mobile, hidden) and the responder left.
