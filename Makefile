@@ -1,4 +1,5 @@
-# taas: `make` builds the release binary; `make test` is the one test command.
+# taas: `make` builds the release binary; `make check` is the test command
+# (the README's quick start, and what .ci/run runs); `make test` is its quicker half.
 CARGO ?= cargo
 
 .PHONY: all build run check test lint fmt clean bench release verify-release install

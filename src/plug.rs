@@ -25,7 +25,7 @@ pub const PLUG_STACK: usize = 64 * 1024;
 /// Opens a plug for `label` and returns its port.
 /// At the label's `max_plugs`, `Error::Limit` (503 with Retry-After).
 pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Result<u16> {
-    if !label.plug_opened() {
+    let Some(slot) = label.plug_slot() else {
         shared.refusals.note(
             "plugs per label",
             &format!(
@@ -36,27 +36,21 @@ pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Resu
         );
         shared.metrics.refused("plugs_per_label");
         return Err(Error::Limit("plugs per label"));
-    }
-    let opened = (|| {
-        let listener = shared.bind_free_port()?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io("plug bind", e))?
-            .port();
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("plug bind", e))?;
-        let (s, l) = (shared.clone(), label.clone());
-        spawn("plug", PLUG_STACK, move || {
-            wait(&s, &l, &listener, port, registrant);
-            l.plug_closed();
-        })?;
-        Ok(port)
-    })();
-    if opened.is_err() {
-        label.plug_closed();
-    }
-    opened
+    };
+    let listener = shared.bind_free_port()?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::io("plug bind", e))?
+        .port();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("plug bind", e))?;
+    let s = shared.clone();
+    spawn("plug", PLUG_STACK, move || {
+        wait(&s, &label, &listener, port, registrant);
+        drop(slot);
+    })?;
+    Ok(port)
 }
 
 fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, registrant: IpAddr) {

@@ -110,6 +110,17 @@ pub struct Label {
     plugs: std::sync::atomic::AtomicUsize,
 }
 
+/// A plug counted against its label's `max_plugs`, until dropped.
+pub struct PlugSlot(Arc<Label>);
+
+impl Drop for PlugSlot {
+    fn drop(&mut self) {
+        self.0
+            .plugs
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Label {
     /// Plugs one label may have open at once: twice its pool, room for two
     /// agents refilling it together. One leaked token must not take the whole
@@ -118,23 +129,16 @@ impl Label {
         2 * self.tx.capacity().unwrap_or(1).max(1)
     }
 
-    /// Counts a plug opening; false (and not counted) at `max_plugs`.
-    pub fn plug_opened(&self) -> bool {
+    /// A plug slot of this label, or `None` at `max_plugs`.
+    pub fn plug_slot(self: &Arc<Label>) -> Option<PlugSlot> {
         use std::sync::atomic::Ordering;
         let max = self.max_plugs();
         self.plugs
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_ok()
-    }
-
-    /// Counts a plug closing.
-    pub fn plug_closed(&self) {
-        use std::sync::atomic::Ordering;
-        let _ = self
-            .plugs
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            .ok()
+            .map(|_| PlugSlot(self.clone()))
     }
 
     /// A label with an empty pool of capacity `max_waiting`.

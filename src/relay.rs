@@ -130,7 +130,7 @@ fn wait(
     silent_until: Option<std::time::Instant>,
 ) -> io::Result<()> {
     use nix::poll::{PollFd, PollTimeout, poll};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
     if up.done && down.done {
         return Ok(());
     }
@@ -149,6 +149,8 @@ fn wait(
     } else {
         &mut set[..]
     };
+    up.ready = false;
+    down.ready = false;
     let idle = (up.holds_idle() || down.holds_idle()).then_some(PIPE_IDLE);
     let silent = match silent_until {
         Some(t) => {
@@ -175,7 +177,20 @@ fn wait(
             down.release();
             Ok(())
         }
-        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Ok(_) => {
+            use nix::poll::PollFlags;
+            let has = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+            for fd in fds.iter() {
+                let readable = fd.revents().is_some_and(|r| r.intersects(has));
+                if fd.as_fd().as_raw_fd() == mobile.as_raw_fd() {
+                    up.ready = readable;
+                } else {
+                    down.ready = readable;
+                }
+            }
+            Ok(())
+        }
+        Err(nix::errno::Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -202,6 +217,9 @@ struct Way {
     count: u64,
     /// EOF passed on (or the pair failed).
     done: bool,
+    /// The last poll said the source has an octet, an EOF or an error, and no
+    /// read has been tried since.
+    ready: bool,
 }
 
 impl Way {
@@ -212,6 +230,7 @@ impl Way {
             pending: 0,
             count: 0,
             done: false,
+            ready: false,
         }
     }
 
@@ -294,10 +313,12 @@ impl Way {
     }
 
     /// Reads into the pipe (made here if need be) or, where the kernel refuses a
-    /// pipe or splice, into the buffer from then on. Only called holding nothing.
+    /// pipe or splice, into the buffer from then on. Only called with nothing
+    /// pending.
     fn pull(&mut self, from: &TcpStream) -> io::Result<usize> {
+        let ready = std::mem::take(&mut self.ready);
         // A pipe or buffer is made only for octets that are there (or an EOF).
-        if matches!(self.held, Held::Nothing) && !readable_now(from)? {
+        if matches!(self.held, Held::Nothing) && !ready {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         #[cfg(target_os = "linux")]
@@ -322,12 +343,12 @@ impl Way {
                         self.copier = Copier::Copy;
                     }
                     // Splice stops at a TCP urgent mark (a peer's MSG_OOB): it
-                    // says EAGAIN while poll says readable, or 0 as at an EOF
-                    // once the peer's FIN is in. A read passes the mark (the
+                    // says EAGAIN right after poll said readable, or 0 as at an
+                    // EOF once the peer's FIN is in. A read passes the mark (the
                     // urgent octet stays out of band, as in any read loop); the
                     // buffer then serves until the direction is quiet for
                     // `PIPE_IDLE`, and splice takes over again.
-                    Err(nix::errno::Errno::EAGAIN) if readable_now(from)? => {}
+                    Err(nix::errno::Errno::EAGAIN) if ready => {}
                     Ok(0) if from.peek(&mut [0u8; 1])? > 0 => {}
                     done => return done.map_err(io::Error::from),
                 }
@@ -365,18 +386,6 @@ impl Way {
             }
             Held::Nothing => Err(io::Error::other("relay octets held in nothing")),
         }
-    }
-}
-
-/// Has `from` an octet, an EOF or an error to report right now?
-fn readable_now(from: &TcpStream) -> io::Result<bool> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd;
-    let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(e.into()),
     }
 }
 

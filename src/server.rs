@@ -142,7 +142,8 @@ impl Pairs {
             next: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             per_ip: ConnLimit {
-                max,
+                // The total is `live`'s to count.
+                max: usize::MAX,
                 max_per_ip,
                 open: Mutex::new((0, HashMap::new())),
             },

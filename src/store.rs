@@ -382,11 +382,17 @@ impl FileStore {
         self.commit(&tmp)
     }
 
+    /// The directory the store lives in.
+    fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        }
+    }
+
     /// Takes the exclusive lock on `PATH.lock`, creating the directory if needed.
     fn lock(&self) -> Result<File> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir)?;
-        }
+        create_private_dir(self.dir())?;
         let lock_path = sibling(&self.path, "lock");
         let file = OpenOptions::new()
             .create(true)
@@ -420,10 +426,7 @@ impl FileStore {
     /// caller may not give files away (not root), the file stays the caller's.
     fn keep_owner(&self, path: &Path) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = self.dir();
         let want = fs::metadata(&self.path)
             .or_else(|_| fs::metadata(dir))
             .map_err(|e| Error::file(dir, "stat", e))?;
@@ -442,10 +445,7 @@ impl FileStore {
     /// Renames the temporary file over the store and fsyncs the directory.
     fn commit(&self, tmp: &Path) -> Result<()> {
         fs::rename(tmp, &self.path).map_err(|e| Error::file(&self.path, "rename", e))?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = self.dir();
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::file(dir, "sync", e))
