@@ -364,6 +364,24 @@ fn latency_direct() -> Res<(f64, f64)> {
     rtt(a)
 }
 
+/// Sends `GET /` for host `name` over `tls` and returns the address of the 307's `Location`.
+fn follow_307(mut tls: impl Read + Write, name: &str) -> Res<SocketAddr> {
+    write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let loc = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: "))
+        .ok_or_else(|| format!("no 307: {}", text.lines().next().unwrap_or("")))?;
+    let hostport = loc
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .ok_or("bad Location")?;
+    Ok(hostport.parse()?)
+}
+
 /// A relay process with one account, label "bench".
 struct Relay {
     child: Child,
@@ -477,21 +495,8 @@ impl Relay {
             cfg,
             rustls::pki_types::ServerName::try_from(name.clone())?,
         )?;
-        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
-        write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer);
-        let text = String::from_utf8_lossy(&answer);
-        let loc = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Location: "))
-            .ok_or_else(|| format!("no 307: {}", text.lines().next().unwrap_or("")))?;
-        let hostport = loc
-            .split("://")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .ok_or("bad Location")?;
-        Ok(hostport.parse()?)
+        let tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
+        follow_307(tls, &name)
     }
 
     /// A relayed pair: (mobile, hidden).
@@ -692,21 +697,8 @@ impl Client {
         let cfg = taas::cert::client_config(Some(&self.ca))?;
         let conn =
             rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::try_from(name)?)?;
-        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
-        write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer);
-        let text = String::from_utf8_lossy(&answer);
-        let loc = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Location: "))
-            .ok_or("no 307")?;
-        let q: SocketAddr = loc
-            .split("://")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .ok_or("bad")?
-            .parse()?;
+        let tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);
+        let q = follow_307(tls, name)?;
         let mut m = TcpStream::connect(q)?;
         m.set_read_timeout(Some(Duration::from_secs(10)))?;
         m.write_all(b"x")?;

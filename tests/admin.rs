@@ -100,6 +100,12 @@ impl Page {
         (r.status, serde_json::from_str(&r.body).unwrap())
     }
 
+    /// A GET carrying the page's token and nothing else.
+    fn get_with_token(&self, path: &str) -> Reply {
+        let token = format!("X-Taas-Token: {}", self.token);
+        self.request("GET", path, &[&token], "")
+    }
+
     fn create(&self, label: &str) -> String {
         let (status, v) = self.api("POST", "/api/accounts", Some(json!({ "label": label })));
         assert_eq!(status, 200, "{v}");
@@ -286,13 +292,7 @@ fn secret_and_provisioning_need_the_token() {
     assert_eq!(status, 200);
     assert_eq!(v["base32"], base32);
 
-    let token = format!("X-Taas-Token: {}", p.token);
-    let r = p.request(
-        "GET",
-        &format!("/api/accounts/{id}/provision.json"),
-        &[&token],
-        "",
-    );
+    let r = p.get_with_token(&format!("/api/accounts/{id}/provision.json"));
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("content-disposition").unwrap(),
@@ -309,12 +309,7 @@ fn secret_and_provisioning_need_the_token() {
         Some(std::fs::read_to_string(&p.config.cert).unwrap().as_str())
     );
 
-    let r = p.request(
-        "GET",
-        &format!("/api/accounts/{id}/provision.js"),
-        &[&token],
-        "",
-    );
+    let r = p.get_with_token(&format!("/api/accounts/{id}/provision.js"));
     assert_eq!(r.status, 200);
     assert!(r.body.starts_with("exports.params = {"));
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
@@ -323,7 +318,7 @@ fn secret_and_provisioning_need_the_token() {
     assert_eq!(Provision::load(&file).unwrap().base32, base32);
 
     // The QR code is the otpauth:// URI, drawn here.
-    let r = p.request("GET", &format!("/api/accounts/{id}/qr.svg"), &[&token], "");
+    let r = p.get_with_token(&format!("/api/accounts/{id}/qr.svg"));
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("image/svg+xml"));
     assert_eq!(r.body, taas::admin::qr_svg(&prov.otpauth_uri()).unwrap());
@@ -563,13 +558,7 @@ fn an_account_made_here_registers_at_once_on_a_relay() {
     // The relay's own config: same store, same certificate.
     let p = Page::on(tempfile::tempdir().unwrap(), relay.config().clone());
     let id = p.create("live");
-    let token = format!("X-Taas-Token: {}", p.token);
-    let r = p.request(
-        "GET",
-        &format!("/api/accounts/{id}/provision.json"),
-        &[&token],
-        "",
-    );
+    let r = p.get_with_token(&format!("/api/accounts/{id}/provision.json"));
     assert_eq!(r.status, 200);
     let file = data.path().join("live.json");
     std::fs::write(&file, &r.body).unwrap();
@@ -614,29 +603,38 @@ fn the_command_refuses_a_public_address_unless_told() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 
-    // With --public it serves, after a warning.
-    let port = free_port();
-    let mut child = Command::new(taas_bin())
-        .args(["admin", "-c", c, "--public", "--listen"])
-        .arg(format!("0.0.0.0:{port}"))
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let up = support::wait_until(Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    // With --public it serves, after a warning. A free port can be taken by
+    // another test's outgoing connection before the child binds it: then a
+    // new one is tried (at most three times).
+    let mut attempts = 0;
+    let (up, err) = loop {
+        attempts += 1;
+        let port = free_port();
+        let mut child = Command::new(taas_bin())
+            .args(["admin", "-c", c, "--public", "--listen"])
+            .arg(format!("0.0.0.0:{port}"))
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let up = support::wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().unwrap().is_some()
+        }) && child.try_wait().unwrap().is_none();
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        if up || attempts == 3 || !err.contains("Address already in use") {
+            break (up, err);
+        }
+    };
     assert!(up, "taas admin --public did not listen: {err}");
     assert!(err.contains("WARN") && err.contains("--public"), "{err}");
 }

@@ -269,6 +269,13 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Submits `label` through the create form, then waits for `script` as in `wait_for`.
+    fn create_through_form(&self, label: &str, what: &str, script: &str) -> Value {
+        self.type_into("#new-label", label);
+        self.click("#create");
+        self.wait_for(what, script)
+    }
+
     fn screenshot(&self) -> Vec<u8> {
         let b64 = self.cmd("GET", "/screenshot", None);
         data_encoding::BASE64
@@ -378,9 +385,8 @@ fn the_page_in_a_real_browser() {
     assert_eq!(s.js("return document.title"), "taas accounts");
 
     // Create an account through the form.
-    s.type_into("#new-label", "browser-demo");
-    s.click("#create");
-    s.wait_for(
+    s.create_through_form(
+        "browser-demo",
         "the new row",
         "return document.querySelectorAll('#accounts tbody tr').length === 1",
     );
@@ -465,17 +471,15 @@ fn the_page_in_a_real_browser() {
         store.get(id).unwrap().unwrap().labels,
         ["browser-demo", "second"]
     );
-    s.type_into("#new-label", "second");
-    s.click("#create");
-    let error = s.wait_for(
+    let error = s.create_through_form(
+        "second",
         "the create error",
         "const e = document.getElementById('create-error'); return !e.hidden && e.textContent",
     );
     let error = error.as_str().unwrap();
     assert!(error.contains("already owned by account"), "{error}");
-    s.type_into("#new-label", "Bad_Label");
-    s.click("#create");
-    s.wait_for(
+    s.create_through_form(
+        "Bad_Label",
         "the bad label error",
         "return document.getElementById('create-error').textContent.includes('a-z 0-9')",
     );

@@ -40,6 +40,27 @@ fn tcp(relay: &TestRelay) -> TcpStream {
     s
 }
 
+/// Whether a plain request from `from` (or the default address) gets a 503 within `LIMIT`.
+fn answers_503_soon(relay: &TestRelay, from: Option<IpAddr>) -> bool {
+    let head = format!("GET / HTTP/1.1\r\nHost: {LABEL_HOST}\r\n\r\n");
+    wait_until(LIMIT, || {
+        support::try_raw(relay, from, LABEL_HOST, head.as_bytes()).is_ok_and(|r| r.status == 503)
+    })
+}
+
+/// Asserts the descriptor and thread counts fall back to near `fds` and `threads` within `LIMIT`.
+fn assert_counts_settle(fds: usize, threads: usize) {
+    let settled = wait_until(LIMIT, || {
+        support::count_fds() <= fds + 5 && support::count_threads() <= threads + 5
+    });
+    assert!(
+        settled,
+        "leak: fds {fds} -> {}, threads {threads} -> {}",
+        support::count_fds(),
+        support::count_threads()
+    );
+}
+
 /// The first flight of a real TLS client for `sni`.
 fn client_hello(relay: &TestRelay, sni: &str) -> Vec<u8> {
     let pem = relay.cert_pem.as_deref().unwrap();
@@ -296,26 +317,8 @@ fn ten_thousand_rapid_connections_leak_no_descriptor_or_thread() {
         }
     }
     assert_eq!(made, 10_000);
-    let settled = wait_until(Duration::from_secs(10), || {
-        support::count_fds() <= fds + 5 && support::count_threads() <= threads + 5
-    });
-    assert!(
-        settled,
-        "leak: fds {fds} -> {}, threads {threads} -> {}",
-        support::count_fds(),
-        support::count_threads()
-    );
-    let head = format!("GET / HTTP/1.1\r\nHost: {LABEL_HOST}\r\n\r\n");
-    assert!(
-        wait_until(LIMIT, || support::try_raw(
-            &relay,
-            None,
-            LABEL_HOST,
-            head.as_bytes()
-        )
-        .is_ok_and(|r| r.status == 503)),
-        "the relay no longer serves"
-    );
+    assert_counts_settle(fds, threads);
+    assert!(answers_503_soon(&relay, None), "the relay no longer serves");
 }
 
 /// One whole pairing with a short exchange; `how` picks who closes and how.
@@ -359,15 +362,7 @@ fn a_hundred_pairings_leak_no_descriptor_or_thread() {
         pair_once(&relay, &p, i);
     }
     assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
-    let settled = wait_until(LIMIT, || {
-        support::count_fds() <= fds + 5 && support::count_threads() <= threads + 5
-    });
-    assert!(
-        settled,
-        "leak: fds {fds} -> {}, threads {threads} -> {}",
-        support::count_fds(),
-        support::count_threads()
-    );
+    assert_counts_settle(fds, threads);
 }
 
 /// (descriptors, threads) once they read the same 5 times in a row, 50 ms apart
@@ -406,16 +401,7 @@ fn per_address_connection_cap() {
     let r = support::try_raw(&relay, Some(other), LABEL_HOST, head.as_bytes()).unwrap();
     assert_eq!(r.status, 503);
     drop(held);
-    assert!(
-        wait_until(LIMIT, || support::try_raw(
-            &relay,
-            None,
-            LABEL_HOST,
-            head.as_bytes()
-        )
-        .is_ok_and(|r| r.status == 503)),
-        "slots were not given back"
-    );
+    assert!(answers_503_soon(&relay, None), "slots were not given back");
 }
 
 #[test]
@@ -431,12 +417,5 @@ fn total_connection_cap() {
     let got = support::read_until_closed(&mut third).expect("closed at the total cap");
     assert!(got.is_empty(), "{got:?}");
     drop(held);
-    let head = format!("GET / HTTP/1.1\r\nHost: {LABEL_HOST}\r\n\r\n");
-    assert!(wait_until(LIMIT, || support::try_raw(
-        &relay,
-        Some(other),
-        LABEL_HOST,
-        head.as_bytes()
-    )
-    .is_ok_and(|r| r.status == 503)));
+    assert!(answers_503_soon(&relay, Some(other)));
 }

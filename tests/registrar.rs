@@ -4,13 +4,16 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
-use support::{Reply, TestRelay};
+use support::{Reply, TestRelay, send};
 use taas::provision::Provision;
 
 const REGISTRAR: &str = "registrar.localhost";
+
+/// Another loopback address, to play a second host.
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// `Authorization` for `p` with its token at `unix_time`.
 fn auth_at(p: &Provision, unix_time: u64) -> String {
@@ -33,12 +36,39 @@ fn wrong_token(p: &Provision) -> String {
     }
 }
 
+/// `Authorization` for `p` with a wrong token.
+fn wrong_auth(p: &Provision) -> String {
+    format!(
+        "TOTP username=\"{}\", response=\"{}\"",
+        p.id(),
+        wrong_token(p)
+    )
+}
+
 fn put(relay: &TestRelay, label: &str, auth: Option<&str>) -> Reply {
     relay.request("PUT", REGISTRAR, &format!("/register/{label}"), auth)
 }
 
 fn pairings(relay: &TestRelay, label: &str, auth: Option<&str>) -> Reply {
     relay.request("GET", REGISTRAR, &format!("/pairings/{label}"), auth)
+}
+
+/// `put` with `p`'s current token.
+fn put_as(relay: &TestRelay, label: &str, p: &Provision) -> Reply {
+    put(relay, label, Some(&TestRelay::auth(p)))
+}
+
+/// `pairings` with `p`'s current token.
+fn pairings_as(relay: &TestRelay, label: &str, p: &Provision) -> Reply {
+    pairings(relay, label, Some(&TestRelay::auth(p)))
+}
+
+/// `PUT /register/demo` with `auth`, sent from the local address `from`.
+fn put_from(relay: &TestRelay, from: IpAddr, auth: &str) -> Reply {
+    let head = format!(
+        "PUT /register/demo HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {auth}\r\n\r\n"
+    );
+    support::try_raw(relay, Some(from), REGISTRAR, head.as_bytes()).unwrap()
 }
 
 fn assert_closes(r: &Reply) {
@@ -51,11 +81,18 @@ fn assert_challenge(r: &Reply) {
     assert_closes(r);
 }
 
+/// `r` is a 503 with Retry-After that closes the connection.
+fn assert_unavailable(r: &Reply) {
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert_closes(r);
+}
+
 #[test]
 fn success_is_200_text_plain_host_port_and_the_plug_listens() {
     let relay = TestRelay::start("plug_timeout = 5");
     let p = relay.add_account("demo");
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let r = put_as(&relay, "demo", &p);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("content-type"), Some("text/plain"));
     assert_closes(&r);
@@ -101,7 +138,7 @@ fn malformed_authorization_is_400() {
         assert_eq!(pairings(&relay, "demo", Some(&bad)).status, 400, "{bad}");
     }
     // Malformed headers are not failed attempts: the budget is untouched.
-    assert_eq!(put(&relay, "demo", Some(&TestRelay::auth(&p))).status, 200);
+    assert_eq!(put_as(&relay, "demo", &p).status, 200);
 }
 
 #[test]
@@ -112,11 +149,7 @@ fn unknown_id_and_wrong_token_are_401() {
     let unknown =
         format!("TOTP username=\"00000000-0000-4000-8000-000000000000\", response=\"{token}\"");
     assert_challenge(&put(&relay, "demo", Some(&unknown)));
-    let wrong = format!(
-        "TOTP username=\"{}\", response=\"{}\"",
-        p.id(),
-        wrong_token(&p)
-    );
+    let wrong = wrong_auth(&p);
     assert_challenge(&put(&relay, "demo", Some(&wrong)));
     assert_challenge(&pairings(&relay, "demo", Some(&wrong)));
     assert_challenge(&pairings(&relay, "demo", Some(&unknown)));
@@ -130,30 +163,23 @@ fn label_not_owned_is_403() {
     let relay = TestRelay::start("plug_timeout = 1");
     let _owner = relay.add_account("demo");
     let other = relay.add_account("other");
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&other)));
+    let r = put_as(&relay, "demo", &other);
     assert_eq!(r.status, 403, "{r:?}");
     assert_closes(&r);
-    let r = pairings(&relay, "demo", Some(&TestRelay::auth(&other)));
+    let r = pairings_as(&relay, "demo", &other);
     assert_eq!(r.status, 403, "{r:?}");
-    assert_eq!(
-        put(&relay, "other", Some(&TestRelay::auth(&other))).status,
-        200
-    );
+    assert_eq!(put_as(&relay, "other", &other).status, 200);
 }
 
 #[test]
 fn failures_past_the_budget_are_429_and_a_success_does_not_reset_it() {
     let relay = TestRelay::start("auth_fail_budget = 3\nauth_fail_refill = 60\nplug_timeout = 1");
     let p = relay.add_account("demo");
-    let wrong = format!(
-        "TOTP username=\"{}\", response=\"{}\"",
-        p.id(),
-        wrong_token(&p)
-    );
+    let wrong = wrong_auth(&p);
     assert_challenge(&put(&relay, "demo", Some(&wrong)));
     assert_challenge(&put(&relay, "demo", Some(&wrong)));
     // A success in between leaves the two failures counted.
-    assert_eq!(put(&relay, "demo", Some(&TestRelay::auth(&p))).status, 200);
+    assert_eq!(put_as(&relay, "demo", &p).status, 200);
     assert_challenge(&put(&relay, "demo", Some(&wrong)));
     // Budget spent: even good credentials are refused until it refills.
     for auth in [wrong.as_str(), &TestRelay::auth(&p)] {
@@ -163,10 +189,7 @@ fn failures_past_the_budget_are_429_and_a_success_does_not_reset_it() {
         let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!(secs >= 1, "{secs}");
     }
-    assert_eq!(
-        pairings(&relay, "demo", Some(&TestRelay::auth(&p))).status,
-        429
-    );
+    assert_eq!(pairings_as(&relay, "demo", &p).status, 429);
 }
 
 #[test]
@@ -180,7 +203,7 @@ fn per_address_budget_applies_across_ids() {
         assert_challenge(&put(&relay, "demo", Some(&unknown)));
     }
     // This ID never failed, but the address spent its budget.
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let r = put_as(&relay, "demo", &p);
     assert_eq!(r.status, 429, "{r:?}");
     assert!(r.header("retry-after").is_some());
 }
@@ -189,21 +212,13 @@ fn per_address_budget_applies_across_ids() {
 fn per_id_budget_applies_from_another_address() {
     let relay = TestRelay::start("auth_fail_budget = 2\nauth_fail_refill = 60");
     let p = relay.add_account("demo");
-    let wrong = format!(
-        "TOTP username=\"{}\", response=\"{}\"",
-        p.id(),
-        wrong_token(&p)
-    );
-    let head = |a: &str| {
-        format!("PUT /register/demo HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {a}\r\n\r\n")
-    };
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let wrong = wrong_auth(&p);
     for _ in 0..2 {
-        let r = support::try_raw(&relay, Some(other), REGISTRAR, head(&wrong).as_bytes()).unwrap();
+        let r = put_from(&relay, OTHER_IP, &wrong);
         assert_eq!(r.status, 401);
     }
     // The ID's budget is spent, so this address is refused too.
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let r = put_as(&relay, "demo", &p);
     assert_eq!(r.status, 429, "{r:?}");
 }
 
@@ -222,12 +237,7 @@ fn replay_rule_burst_from_same_address_but_never_an_older_step() {
     );
     assert_challenge(&put(&relay, "demo", Some(&older)));
     // The same token from another address is a replay.
-    let head = format!(
-        "PUT /register/demo HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {current}\r\n\r\n"
-    );
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
-    let r = support::try_raw(&relay, Some(other), REGISTRAR, head.as_bytes()).unwrap();
-    assert_challenge(&r);
+    assert_challenge(&put_from(&relay, OTHER_IP, &current));
 }
 
 #[test]
@@ -272,18 +282,13 @@ fn store_unreachable_is_503_with_retry_after() {
     let relay = TestRelay::start_with_store("", Some(&redis.url()));
     let p = relay.add_account("demo");
     redis.stop();
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(r.header("retry-after").is_some(), "{r:?}");
-    assert_closes(&r);
+    let r = put_as(&relay, "demo", &p);
+    assert_unavailable(&r);
     assert!(
         !r.body.contains("127.0.0.1"),
         "internals stay in the log: {r:?}"
     );
-    assert_eq!(
-        pairings(&relay, "demo", Some(&TestRelay::auth(&p))).status,
-        503
-    );
+    assert_eq!(pairings_as(&relay, "demo", &p).status, 503);
 }
 
 #[test]
@@ -292,10 +297,7 @@ fn no_free_port_is_503_with_retry_after() {
     let port = held.local_addr().unwrap().port();
     let relay = TestRelay::start(&format!("port_range = \"{port}-{port}\""));
     let p = relay.add_account("demo");
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(r.header("retry-after").is_some(), "{r:?}");
-    assert_closes(&r);
+    assert_unavailable(&put_as(&relay, "demo", &p));
     drop(held);
 }
 
@@ -303,7 +305,7 @@ fn no_free_port_is_503_with_retry_after() {
 fn redirecting_registrar_answers_307_with_location() {
     let relay = TestRelay::start("registrar_redirect = \"https://other.example\"");
     let p = relay.add_account("demo");
-    let r = put(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let r = put_as(&relay, "demo", &p);
     assert_eq!(r.status, 307, "{r:?}");
     assert_eq!(
         r.header("location"),
@@ -357,18 +359,11 @@ fn host_matching_ignores_case_and_port() {
     assert_ne!(r.status, 200, "a label host is not the registrar: {r:?}");
 }
 
-/// Reads a relayed message of `want.len()` bytes on `s` and checks it.
-fn expect(s: &mut TcpStream, want: &[u8]) {
-    let mut buf = vec![0u8; want.len()];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(buf, want);
-}
-
 #[test]
 fn pairings_list_oldest_first_as_json() {
     let relay = TestRelay::start("");
     let p = relay.add_account("demo");
-    let r = pairings(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let r = pairings_as(&relay, "demo", &p);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.body, "[]");
@@ -378,8 +373,7 @@ fn pairings_list_oldest_first_as_json() {
         let mut hidden = relay.responder(&p, "demo");
         let q = relay.rendezvous("demo", path).unwrap();
         let mut mobile = TcpStream::connect(q).unwrap();
-        mobile.write_all(path.as_bytes()).unwrap();
-        expect(&mut hidden, path.as_bytes());
+        send(&mut mobile, &mut hidden, path.as_bytes());
         mobiles.push(mobile);
         hiddens.push(hidden);
     }
@@ -387,11 +381,9 @@ fn pairings_list_oldest_first_as_json() {
     // 307: its record has an empty pathname.
     let mut hidden = relay.responder(&p, "demo");
     let q = relay.rendezvous("demo", "/not-this-one").unwrap();
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
-    let mut direct = support::connect_from(other, q).unwrap();
-    direct.write_all(b"direct").unwrap();
-    expect(&mut hidden, b"direct");
-    let r = pairings(&relay, "demo", Some(&TestRelay::auth(&p)));
+    let mut direct = support::connect_from(OTHER_IP, q).unwrap();
+    send(&mut direct, &mut hidden, b"direct");
+    let r = pairings_as(&relay, "demo", &p);
     assert_eq!(r.status, 200, "{r:?}");
     assert_closes(&r);
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
@@ -425,12 +417,23 @@ fn read_request_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// Runs `curl -sS -i ARGS https://HOST:PORT/PATH` against the relay, trusting
+/// its certificate; returns (exit ok, stdout, stderr).
+fn curl_relay(relay: &TestRelay, host: &str, path: &str, args: &[&str]) -> (bool, String, String) {
+    let cert = relay.config().cert.to_str().unwrap().to_string();
+    let port = relay.addr.port();
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}{path}");
+    let mut all = vec!["-sS", "-i", "--cacert", &cert, "--resolve", &resolve];
+    all.extend_from_slice(args);
+    all.push(&url);
+    support::curl(&all)
+}
+
 #[test]
 fn curl_and_oathtool_register_and_a_curl_mobile_reaches_the_hidden_server() {
     let relay = TestRelay::start("");
     let p = relay.add_account("demo");
-    let cert = relay.config().cert.to_str().unwrap().to_string();
-    let port = relay.addr.port();
     let token = support::oathtool(&p.base32, p.digits, &p.algorithm);
     let now = taas::unix_time();
     let totp = p.totp().unwrap();
@@ -440,22 +443,16 @@ fn curl_and_oathtool_register_and_a_curl_mobile_reaches_the_hidden_server() {
             .any(|&t| totp.generate(t) == token),
         "oathtool and taas agree on the code"
     );
-    let (ok, out, err) = support::curl(&[
-        "-sS",
-        "-i",
-        "--cacert",
-        &cert,
-        "--resolve",
-        &format!("registrar.localhost:{port}:127.0.0.1"),
-        "-X",
-        "PUT",
-        &format!("https://registrar.localhost:{port}/register/demo"),
-        "-H",
-        &format!(
-            "Authorization: TOTP username=\"{}\", response=\"{token}\"",
-            p.id()
-        ),
-    ]);
+    let auth = format!(
+        "Authorization: TOTP username=\"{}\", response=\"{token}\"",
+        p.id()
+    );
+    let (ok, out, err) = curl_relay(
+        &relay,
+        "registrar.localhost",
+        "/register/demo",
+        &["-X", "PUT", "-H", &auth],
+    );
     assert!(ok, "curl register: {err}");
     let r = Reply::parse(out.as_bytes());
     assert_eq!(r.status, 200, "{out}");
@@ -468,15 +465,7 @@ fn curl_and_oathtool_register_and_a_curl_mobile_reaches_the_hidden_server() {
         .waiting("demo")
         == 1));
 
-    let (ok, out, err) = support::curl(&[
-        "-sS",
-        "-i",
-        "--cacert",
-        &cert,
-        "--resolve",
-        &format!("demo.taas.localhost:{port}:127.0.0.1"),
-        &format!("https://demo.taas.localhost:{port}/hello?x=1"),
-    ]);
+    let (ok, out, err) = curl_relay(&relay, "demo.taas.localhost", "/hello?x=1", &[]);
     assert!(ok, "curl rendezvous: {err}");
     let r = Reply::parse(out.as_bytes());
     assert_eq!(r.status, 307, "{out}");
@@ -514,11 +503,9 @@ fn whole_path_on_the_redis_store() {
     mobile
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    mobile.write_all(b"ping").unwrap();
-    expect(&mut hidden, b"ping");
-    hidden.write_all(b"pong").unwrap();
-    expect(&mut mobile, b"pong");
-    let r = pairings(&relay, "demo", Some(&TestRelay::auth(&p)));
+    send(&mut mobile, &mut hidden, b"ping");
+    send(&mut hidden, &mut mobile, b"pong");
+    let r = pairings_as(&relay, "demo", &p);
     assert_eq!(r.status, 200, "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v[0]["pathname"], "/on-redis");

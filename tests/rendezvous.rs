@@ -6,28 +6,51 @@
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use support::{TestRelay, wait_until};
+use support::{TestRelay, expect, send, wait_until};
+use taas::provision::Provision;
 
 const LIMIT: Duration = Duration::from_secs(10);
+
+/// Another loopback address, to play a second host.
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 fn host(label: &str) -> String {
     format!("{label}.taas.localhost")
 }
 
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
+/// `s` with a 20 s read timeout.
+fn timed(s: TcpStream) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
 }
 
-fn expect(s: &mut TcpStream, want: &[u8]) {
-    let mut buf = vec![0u8; want.len()];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(buf, want);
+fn connect(addr: SocketAddr) -> TcpStream {
+    timed(TcpStream::connect(addr).unwrap())
+}
+
+/// Connects a mobile to `q` and checks that `msg` from it reaches `hidden`.
+fn paired_mobile(q: SocketAddr, hidden: &mut TcpStream, msg: &[u8]) -> TcpStream {
+    let mut mobile = connect(q);
+    send(&mut mobile, hidden, msg);
+    mobile
+}
+
+/// Reads `s` to EOF.
+fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    got
+}
+
+/// Writes `msg` on `from`, half-closes it, and returns what `to` reads to EOF.
+fn send_last(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    from.write_all(msg).unwrap();
+    from.shutdown(Shutdown::Write).unwrap();
+    read_all(to)
 }
 
 /// The peer closed `s` (EOF or reset) before its read timeout, sending nothing.
@@ -36,9 +59,31 @@ fn assert_closed(s: &mut TcpStream) {
     assert!(got.is_empty(), "unexpected bytes {got:?}");
 }
 
-/// The port of a 200's `HOST:PORT` body.
-fn plug_port(body: &str) -> u16 {
-    body.trim().rsplit_once(':').unwrap().1.parse().unwrap()
+/// Registers label `demo` for `p`; the plug's address from the 200.
+fn register_plug(relay: &TestRelay, p: &Provision) -> SocketAddr {
+    let r = relay.register(p, "demo");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body.trim().parse().unwrap()
+}
+
+/// The relay's count of refusals by `limit`.
+fn refusals(relay: &TestRelay, limit: &str) -> u64 {
+    support::metric(relay, &format!("taas_refusals_total{{limit=\"{limit}\"}}"))
+}
+
+/// Pairs the relay holds now.
+fn pairs(relay: &TestRelay) -> usize {
+    relay.server.shared().pairs.count()
+}
+
+/// A relay started with `config`, account `demo` with one responder waiting,
+/// and the rendezvous address of a 307 for `path`.
+fn relay_with_responder(config: &str, path: &str) -> (TestRelay, Provision, TcpStream, SocketAddr) {
+    let relay = TestRelay::start(config);
+    let p = relay.add_account("demo");
+    let hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", path).unwrap();
+    (relay, p, hidden, q)
 }
 
 #[test]
@@ -76,10 +121,7 @@ fn valid_label_with_nothing_waiting_is_503_with_retry_after() {
     assert_eq!(r.header("connection"), Some("close"));
     // Registered, but the plug timed out with no responder.
     assert_eq!(relay.register(&p, "demo").status, 200);
-    assert!(wait_until(LIMIT, || support::metric(
-        &relay,
-        "taas_refusals_total{limit=\"plug_timeout\"}"
-    ) == 1));
+    assert!(wait_until(LIMIT, || refusals(&relay, "plug_timeout") == 1));
     let r = relay.request("GET", &host("demo"), "/", None);
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.header("retry-after").is_some());
@@ -113,10 +155,9 @@ fn no_host_is_400() {
 fn plug_accepts_exactly_one_connection() {
     let relay = TestRelay::start("");
     let p = relay.add_account("demo");
-    let r = relay.register(&p, "demo");
-    assert_eq!(r.status, 200);
-    let port = plug_port(&r.body);
-    let _first = connect(r.body.trim().parse().unwrap());
+    let plug = register_plug(&relay, &p);
+    let port = plug.port();
+    let _first = connect(plug);
     assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
     assert!(
         wait_until(LIMIT, || !support::is_listening(port)),
@@ -124,12 +165,7 @@ fn plug_accepts_exactly_one_connection() {
     );
     match TcpStream::connect(("127.0.0.1", port)) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused),
-        Ok(mut second) => {
-            second
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            assert_closed(&mut second);
-        }
+        Ok(second) => assert_closed(&mut timed(second)),
     }
     assert_eq!(relay.waiting("demo"), 1);
 }
@@ -138,47 +174,41 @@ fn plug_accepts_exactly_one_connection() {
 fn plug_closes_a_connection_from_another_address_and_keeps_waiting() {
     let relay = TestRelay::start("");
     let p = relay.add_account("demo");
-    let r = relay.register(&p, "demo");
-    assert_eq!(r.status, 200);
-    let plug: SocketAddr = r.body.trim().parse().unwrap();
-    let stranger: IpAddr = "127.0.0.2".parse().unwrap();
-    let mut intruder = support::connect_from(stranger, plug).unwrap();
-    intruder
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let plug = register_plug(&relay, &p);
+    let mut intruder = timed(support::connect_from(OTHER_IP, plug).unwrap());
     assert_closed(&mut intruder);
-    assert!(wait_until(LIMIT, || support::metric(
-        &relay,
-        "taas_refusals_total{limit=\"plug_same_ip\"}"
-    ) == 1));
+    assert!(wait_until(LIMIT, || refusals(&relay, "plug_same_ip") == 1));
     assert_eq!(relay.waiting("demo"), 0);
     assert!(support::is_listening(plug.port()), "plug gave up");
     // The registering address still gets in, and is the one paired.
     let mut hidden = connect(plug);
     assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
     let q = relay.rendezvous("demo", "/").unwrap();
-    let mut mobile = connect(q);
-    mobile.write_all(b"hi").unwrap();
-    expect(&mut hidden, b"hi");
+    paired_mobile(q, &mut hidden, b"hi");
 }
 
 #[test]
 fn registration_from_another_address_is_plugged_from_that_address() {
     let relay = TestRelay::start("");
     let p = relay.add_account("demo");
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
     let head = format!(
         "PUT /register/demo HTTP/1.1\r\nHost: registrar.localhost\r\nAuthorization: {}\r\n\r\n",
         TestRelay::auth(&p)
     );
-    let r = support::try_raw(&relay, Some(other), "registrar.localhost", head.as_bytes()).unwrap();
+    let r = support::try_raw(
+        &relay,
+        Some(OTHER_IP),
+        "registrar.localhost",
+        head.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     let plug: SocketAddr = r.body.trim().parse().unwrap();
     // 127.0.0.1 is now the stranger.
     let mut wrong = connect(plug);
     assert_closed(&mut wrong);
     assert_eq!(relay.waiting("demo"), 0);
-    let _hidden = support::connect_from(other, plug).unwrap();
+    let _hidden = support::connect_from(OTHER_IP, plug).unwrap();
     assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
 }
 
@@ -186,9 +216,7 @@ fn registration_from_another_address_is_plugged_from_that_address() {
 fn plug_stops_listening_after_plug_timeout() {
     let relay = TestRelay::start("plug_timeout = 1");
     let p = relay.add_account("demo");
-    let r = relay.register(&p, "demo");
-    assert_eq!(r.status, 200);
-    let port = plug_port(&r.body);
+    let port = register_plug(&relay, &p).port();
     assert!(support::is_listening(port));
     assert!(
         wait_until(LIMIT, || !support::is_listening(port)),
@@ -199,10 +227,7 @@ fn plug_stops_listening_after_plug_timeout() {
         ErrorKind::ConnectionRefused
     );
     assert_eq!(relay.waiting("demo"), 0);
-    assert_eq!(
-        support::metric(&relay, "taas_refusals_total{limit=\"plug_timeout\"}"),
-        1
-    );
+    assert_eq!(refusals(&relay, "plug_timeout"), 1);
 }
 
 /// A stranger knocking on a plug without pause neither keeps it open past
@@ -211,13 +236,10 @@ fn plug_stops_listening_after_plug_timeout() {
 fn plug_times_out_while_a_stranger_keeps_knocking() {
     let relay = TestRelay::start("plug_timeout = 1");
     let p = relay.add_account("demo");
-    let r = relay.register(&p, "demo");
-    assert_eq!(r.status, 200);
-    let plug: SocketAddr = r.body.trim().parse().unwrap();
-    let stranger: IpAddr = "127.0.0.2".parse().unwrap();
+    let plug = register_plug(&relay, &p);
     let mut knocks = 0;
     // Bounded: 5,000 knocks at most, a few ms apart.
-    while knocks < 5000 && support::connect_from(stranger, plug).is_ok() {
+    while knocks < 5000 && support::connect_from(OTHER_IP, plug).is_ok() {
         knocks += 1;
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -227,10 +249,7 @@ fn plug_times_out_while_a_stranger_keeps_knocking() {
     );
     assert!(knocks > 0);
     assert_eq!(relay.waiting("demo"), 0);
-    assert!(wait_until(LIMIT, || support::metric(
-        &relay,
-        "taas_refusals_total{limit=\"plug_timeout\"}"
-    ) == 1));
+    assert!(wait_until(LIMIT, || refusals(&relay, "plug_timeout") == 1));
 }
 
 #[test]
@@ -244,12 +263,8 @@ fn full_pool_evicts_the_oldest() {
     assert_eq!(relay.waiting("demo"), 2);
     // The two left are paired in order.
     let q = relay.rendezvous("demo", "/").unwrap();
-    let mut m2 = connect(q);
-    m2.write_all(b"two").unwrap();
-    expect(&mut h2, b"two");
-    let mut m3 = connect(q);
-    m3.write_all(b"three").unwrap();
-    expect(&mut h3, b"three");
+    let _m2 = paired_mobile(q, &mut h2, b"two");
+    let _m3 = paired_mobile(q, &mut h3, b"three");
 }
 
 /// A label may hold twice `max_waiting` plugs open; past that a registration
@@ -260,20 +275,11 @@ fn plugs_per_label_are_bounded() {
     let relay = TestRelay::start("max_waiting = 2");
     let p = relay.add_account("demo");
     let other = relay.add_account("other");
-    let plugs: Vec<SocketAddr> = (0..4)
-        .map(|_| {
-            let r = relay.register(&p, "demo");
-            assert_eq!(r.status, 200, "{r:?}");
-            r.body.trim().parse().unwrap()
-        })
-        .collect();
+    let plugs: Vec<SocketAddr> = (0..4).map(|_| register_plug(&relay, &p)).collect();
     let refused = relay.register(&p, "demo");
     assert_eq!(refused.status, 503, "{refused:?}");
     assert!(refused.header("retry-after").is_some());
-    assert_eq!(
-        support::metric(&relay, "taas_refusals_total{limit=\"plugs_per_label\"}"),
-        1
-    );
+    assert_eq!(refusals(&relay, "plugs_per_label"), 1);
     assert_eq!(relay.register(&other, "other").status, 200);
     let _hidden = connect(plugs[0]);
     assert!(wait_until(LIMIT, || relay.waiting("demo") == 1));
@@ -294,25 +300,18 @@ fn dead_responders_are_never_paired() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(reset);
-    let mut mobile = connect(q);
-    mobile.write_all(b"alive?").unwrap();
-    expect(&mut live, b"alive?");
-    live.write_all(b"yes").unwrap();
-    expect(&mut mobile, b"yes");
+    let mut mobile = paired_mobile(q, &mut live, b"alive?");
+    send(&mut live, &mut mobile, b"yes");
 }
 
 #[test]
 fn rendezvous_port_is_reused_while_open_and_closed_when_idle() {
-    let relay = TestRelay::start("rendezvous_idle = 1\npair_wait = 0.5");
-    let p = relay.add_account("demo");
-    let mut hidden = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/a").unwrap();
+    let (relay, p, mut hidden, q) =
+        relay_with_responder("rendezvous_idle = 1\npair_wait = 0.5", "/a");
     let again = relay.rendezvous("demo", "/b").unwrap();
     assert_eq!(q, again, "one rendezvous port per label while open");
     {
-        let mut mobile = connect(q);
-        mobile.write_all(b"x").unwrap();
-        expect(&mut hidden, b"x");
+        let mut mobile = paired_mobile(q, &mut hidden, b"x");
         drop(hidden);
         assert_closed(&mut mobile);
     }
@@ -329,9 +328,7 @@ fn rendezvous_port_is_reused_while_open_and_closed_when_idle() {
     let mut hidden = relay.responder(&p, "demo");
     let q2 = relay.rendezvous("demo", "/c").unwrap();
     assert!(support::is_listening(q2.port()));
-    let mut mobile = connect(q2);
-    mobile.write_all(b"y").unwrap();
-    expect(&mut hidden, b"y");
+    paired_mobile(q2, &mut hidden, b"y");
 }
 
 #[test]
@@ -344,10 +341,7 @@ fn pool_is_first_in_first_paired() {
     for (i, hidden) in hiddens.iter_mut().enumerate() {
         let mut mobile = connect(q);
         let msg = format!("mobile {i}");
-        mobile.write_all(msg.as_bytes()).unwrap();
-        mobile.shutdown(Shutdown::Write).unwrap();
-        let mut got = Vec::new();
-        hidden.read_to_end(&mut got).unwrap();
+        let got = send_last(&mut mobile, hidden, msg.as_bytes());
         assert_eq!(String::from_utf8(got).unwrap(), msg, "responder {i}");
         mobiles.push(mobile);
     }
@@ -356,51 +350,30 @@ fn pool_is_first_in_first_paired() {
 #[test]
 fn a_mobile_waits_pair_wait_for_a_responder_to_arrive() {
     // pair_wait is generous: the responder arrives as soon as a registration is done.
-    let relay = TestRelay::start("pair_wait = 20");
-    let p = relay.add_account("demo");
-    let mut first = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/").unwrap();
-    {
-        let mut m = connect(q);
-        m.write_all(b"0").unwrap();
-        expect(&mut first, b"0");
-    }
+    let (relay, p, mut first, q) = relay_with_responder("pair_wait = 20", "/");
+    drop(paired_mobile(q, &mut first, b"0"));
     drop(first);
-    let shared = relay.server.shared().clone();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert!(wait_until(LIMIT, || pairs(&relay) == 0));
     assert_eq!(relay.waiting("demo"), 0);
     // The pool is empty: the mobile connection is held…
     let mut mobile = connect(q);
     mobile.write_all(b"early").unwrap();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 1));
+    assert!(wait_until(LIMIT, || pairs(&relay) == 1));
     // …until a responder arrives. (Not `relay.responder`: the waiting connection
     // takes it at once, so the pool may never be seen holding it.)
-    let r = relay.register(&p, "demo");
-    assert_eq!(r.status, 200, "{r:?}");
-    let mut hidden = connect(r.body.trim().parse().unwrap());
+    let mut hidden = connect(register_plug(&relay, &p));
     expect(&mut hidden, b"early");
-    hidden.write_all(b"late").unwrap();
-    expect(&mut mobile, b"late");
+    send(&mut hidden, &mut mobile, b"late");
 }
 
 #[test]
 fn a_mobile_is_closed_when_no_responder_arrives_within_pair_wait() {
-    let relay = TestRelay::start("pair_wait = 0.5");
-    let p = relay.add_account("demo");
-    let mut first = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/").unwrap();
-    {
-        let mut m = connect(q);
-        m.write_all(b"0").unwrap();
-        expect(&mut first, b"0");
-    }
+    let (relay, _p, mut first, q) = relay_with_responder("pair_wait = 0.5", "/");
+    drop(paired_mobile(q, &mut first, b"0"));
     let mut mobile = connect(q);
     mobile.write_all(b"anyone?").unwrap();
     assert_closed(&mut mobile);
-    assert!(wait_until(LIMIT, || support::metric(
-        &relay,
-        "taas_refusals_total{limit=\"pair_wait\"}"
-    ) == 1));
+    assert!(wait_until(LIMIT, || refusals(&relay, "pair_wait") == 1));
 }
 
 /// A reproducible pseudo-random stream (xorshift64*).
@@ -466,10 +439,7 @@ fn check_noise(mut s: TcpStream, seed: u64) -> thread::JoinHandle<usize> {
 
 #[test]
 fn relays_16_mib_each_way_at_once_byte_exact() {
-    let relay = TestRelay::start("");
-    let p = relay.add_account("demo");
-    let hidden = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/big").unwrap();
+    let (relay, _p, hidden, q) = relay_with_responder("", "/big");
     let mobile = connect(q);
     let senders = [
         send_noise(mobile.try_clone().unwrap(), 0x1234_5678_9abc_def1),
@@ -482,8 +452,7 @@ fn relays_16_mib_each_way_at_once_byte_exact() {
     }
     assert_eq!(at_hidden.join().unwrap(), BIG, "mobile -> hidden");
     assert_eq!(at_mobile.join().unwrap(), BIG, "hidden -> mobile");
-    let shared = relay.server.shared().clone();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert!(wait_until(LIMIT, || pairs(&relay) == 0));
     assert_eq!(
         support::metric(&relay, "taas_relayed_bytes_total{direction=\"up\"}"),
         BIG as u64
@@ -496,61 +465,41 @@ fn relays_16_mib_each_way_at_once_byte_exact() {
 
 #[test]
 fn mobile_half_close_reaches_hidden_which_keeps_sending() {
-    let relay = TestRelay::start("");
-    let p = relay.add_account("demo");
-    let mut hidden = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/").unwrap();
+    let (_relay, _p, mut hidden, q) = relay_with_responder("", "/");
     let mut mobile = connect(q);
-    mobile.write_all(b"request").unwrap();
-    mobile.shutdown(Shutdown::Write).unwrap();
-    let mut got = Vec::new();
-    hidden.read_to_end(&mut got).unwrap();
-    assert_eq!(got, b"request", "hidden sees the data, then EOF");
+    assert_eq!(
+        send_last(&mut mobile, &mut hidden, b"request"),
+        b"request",
+        "hidden sees the data, then EOF"
+    );
     for part in [&b"answer "[..], b"after ", b"EOF"] {
         hidden.write_all(part).unwrap();
     }
     hidden.shutdown(Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    mobile.read_to_end(&mut back).unwrap();
-    assert_eq!(back, b"answer after EOF");
+    assert_eq!(read_all(&mut mobile), b"answer after EOF");
 }
 
 #[test]
 fn hidden_half_close_reaches_mobile_which_keeps_sending() {
-    let relay = TestRelay::start("");
-    let p = relay.add_account("demo");
-    let mut hidden = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/").unwrap();
-    let mut mobile = connect(q);
-    mobile.write_all(b"hello").unwrap();
-    expect(&mut hidden, b"hello");
-    hidden.write_all(b"bye").unwrap();
-    hidden.shutdown(Shutdown::Write).unwrap();
-    let mut got = Vec::new();
-    mobile.read_to_end(&mut got).unwrap();
-    assert_eq!(got, b"bye", "mobile sees the data, then EOF");
-    mobile.write_all(b"still talking").unwrap();
-    mobile.shutdown(Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    hidden.read_to_end(&mut rest).unwrap();
-    assert_eq!(rest, b"still talking");
+    let (_relay, _p, mut hidden, q) = relay_with_responder("", "/");
+    let mut mobile = paired_mobile(q, &mut hidden, b"hello");
+    assert_eq!(
+        send_last(&mut hidden, &mut mobile, b"bye"),
+        b"bye",
+        "mobile sees the data, then EOF"
+    );
+    assert_eq!(
+        send_last(&mut mobile, &mut hidden, b"still talking"),
+        b"still talking"
+    );
 }
 
 /// A mobile that connects and says nothing is closed after
 /// `first_octet_timeout`, and so is its responder: it holds neither for ever.
 #[test]
 fn silent_pairs_are_closed_after_first_octet_timeout() {
-    let relay = TestRelay::start("first_octet_timeout = 0.5");
-    let p = relay.add_account("demo");
-    let mut hidden = relay.responder(&p, "demo");
-    hidden
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let q = relay.rendezvous("demo", "/").unwrap();
+    let (relay, _p, mut hidden, q) = relay_with_responder("first_octet_timeout = 0.5", "/");
     let mut mobile = connect(q);
-    mobile
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
     assert_closed(&mut hidden);
     assert_closed(&mut mobile);
     assert!(wait_until(LIMIT, || support::metric(
@@ -566,14 +515,9 @@ fn second_mobile_refused(
     config: &str,
     limit: &str,
 ) -> (TestRelay, SocketAddr, (TcpStream, TcpStream), TcpStream) {
-    let relay = TestRelay::start(config);
-    let p = relay.add_account("demo");
-    let mut h1 = relay.responder(&p, "demo");
+    let (relay, p, mut h1, q) = relay_with_responder(config, "/");
     let h2 = relay.responder(&p, "demo");
-    let q = relay.rendezvous("demo", "/").unwrap();
-    let mut m1 = connect(q);
-    m1.write_all(b"one").unwrap();
-    expect(&mut h1, b"one");
+    let m1 = paired_mobile(q, &mut h1, b"one");
     let mut m2 = connect(q);
     assert_closed(&mut m2);
     assert_eq!(
@@ -581,8 +525,7 @@ fn second_mobile_refused(
         1,
         "the refused one took no responder"
     );
-    let metric = format!("taas_refusals_total{{limit=\"{limit}\"}}");
-    assert_eq!(support::metric(&relay, &metric), 1);
+    assert_eq!(refusals(&relay, limit), 1);
     (relay, q, (m1, h1), h2)
 }
 
@@ -592,28 +535,20 @@ fn second_mobile_refused(
 fn pairs_per_address_are_bounded() {
     let (relay, q, first, mut h2) =
         second_mobile_refused("max_pairs_per_ip = 1", "max_pairs_per_ip");
-    let other: IpAddr = "127.0.0.2".parse().unwrap();
-    let mut m3 = support::connect_from(other, q).unwrap();
-    m3.write_all(b"two").unwrap();
-    expect(&mut h2, b"two");
+    let mut m3 = support::connect_from(OTHER_IP, q).unwrap();
+    send(&mut m3, &mut h2, b"two");
     drop(first);
-    let shared = relay.server.shared().clone();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 1));
+    assert!(wait_until(LIMIT, || pairs(&relay) == 1));
     let p = relay.add_account("more");
     let mut h4 = relay.responder(&p, "more");
     let q4 = relay.rendezvous("more", "/").unwrap();
-    let mut m4 = connect(q4);
-    m4.write_all(b"again").unwrap();
-    expect(&mut h4, b"again");
+    paired_mobile(q4, &mut h4, b"again");
 }
 
 #[test]
 fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
     let (relay, q, first, mut h2) = second_mobile_refused("max_pairs = 1", "max_pairs");
     drop(first);
-    let shared = relay.server.shared().clone();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
-    let mut m3 = connect(q);
-    m3.write_all(b"three").unwrap();
-    expect(&mut h2, b"three");
+    assert!(wait_until(LIMIT, || pairs(&relay) == 0));
+    paired_mobile(q, &mut h2, b"three");
 }

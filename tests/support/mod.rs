@@ -473,6 +473,19 @@ pub fn read_until_closed(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
     Err(std::io::Error::other("peer kept sending"))
 }
 
+/// Reads `want.len()` bytes from `s` and checks they are `want`.
+pub fn expect(s: &mut TcpStream, want: &[u8]) {
+    let mut buf = vec![0u8; want.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, want);
+}
+
+/// Writes `msg` on `from` and checks that it arrives, whole, at `to`.
+pub fn send(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) {
+    from.write_all(msg).unwrap();
+    expect(to, msg);
+}
+
 /// One counter or gauge of the relay's metrics, e.g.
 /// `taas_refusals_total{limit="plug_same_ip"}`; 0 when absent.
 pub fn metric(relay: &TestRelay, name: &str) -> u64 {
