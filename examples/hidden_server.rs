@@ -33,8 +33,9 @@ pub fn serve(provision: &Path, cert_out: &Path, count: usize) -> Result<(), Box<
     let label = p.labels.first().ok_or("no label")?.clone();
     let registrar = Registrar::from_provision(&p)?;
 
-    // Our own certificate, for the address mobile clients are sent to.
-    let (cert_pem, key_pem) = taas::cert::generate(vec![p.server.hostname.clone()])?;
+    // Our own certificate, for our own name (LABEL.servers_domain): the 307
+    // sends mobile clients to that name, and they check it.
+    let (cert_pem, key_pem) = taas::cert::generate(vec![p.name.clone()])?;
     std::fs::write(cert_out, &cert_pem)?;
     let certs =
         CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;

@@ -3,7 +3,9 @@
 //!
 //! Shortcuts, admitted: it trusts exactly the two certificates given (the relay's
 //! and the hidden server's) instead of the system roots; it reads the answer to
-//! EOF and prints it whole; it follows one redirect only.
+//! EOF and prints it whole; it follows one redirect only; it resolves a
+//! `*.localhost` name to loopback itself (as curl and browsers do, RFC 6761),
+//! other names with the system resolver.
 //!
 //! Usage: cargo run --example mobile_client -- RELAY_ADDR HOST RELAY_CA HIDDEN_CA [PATH]
 //!   e.g. 127.0.0.1:8443 demo.taas.localhost taas-data/registrar.crt hidden.crt /
@@ -69,13 +71,22 @@ pub fn fetch(
         .lines()
         .find_map(|l| l.strip_prefix("Location: "))
         .ok_or_else(|| format!("no redirect: {}", first.lines().next().unwrap_or("")))?;
-    // 2. https://HOST:Q/PATH: connect to Q; TLS from here is with the hidden server.
+    // 2. https://LABEL.servers_domain:Q/PATH: connect to Q; TLS from here is with
+    //    the hidden server, checked against the name the 307 gave.
     let rest = location.split_once("://").map_or(location, |(_, r)| r);
     let (authority, target) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let q: SocketAddr = authority.parse()?;
+    let (q_name, q_port) = authority.rsplit_once(':').ok_or("no port in Location")?;
+    let q_name = q_name.trim_matches(['[', ']']);
+    let q: SocketAddr = if q_name == "localhost" || q_name.ends_with(".localhost") {
+        SocketAddr::from(([127, 0, 0, 1], q_port.parse()?))
+    } else {
+        std::net::ToSocketAddrs::to_socket_addrs(authority)?
+            .next()
+            .ok_or("the Location's host has no address")?
+    };
     let body = get(
         q,
-        &q.ip().to_string(),
+        q_name,
         authority,
         if target.is_empty() { "/" } else { target },
         hidden_ca,

@@ -702,6 +702,7 @@ fn create(state: &State, req: &Request) -> Result<Response, Failure> {
     let body: NewAccount = json_body(req)?;
     let id = body.id.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let account = Account::new(id, &[body.label.trim().to_string()])?;
+    state.config.check_account(&account)?;
     if crate::cert::ensure_default(&state.config)? {
         log::info!(
             "made a self-signed certificate {}",
@@ -729,9 +730,11 @@ fn delete(state: &State, id: &str) -> Result<Response, Failure> {
 
 fn add_label(state: &State, id: &str, req: &Request) -> Result<Response, Failure> {
     let body: NewLabel = json_body(req)?;
-    let l = label::validate(body.label.trim())?;
+    let entry = label::Entry::parse(body.label.trim())?;
+    state.config.check_entry(&entry)?;
+    let l = entry.stored();
     let mut account = state.account(id)?;
-    if account.owns(&l) {
+    if account.owns(&entry.name) {
         return Err(Failure::new(
             409,
             format!("account {} already has label {l:?}", account.uuid),
@@ -768,7 +771,9 @@ fn remove_label(state: &State, id: &str, l: &str) -> Result<Response, Failure> {
             ),
         ));
     }
-    account.labels.retain(|x| !x.eq_ignore_ascii_case(&l));
+    account
+        .labels
+        .retain(|x| !label::Entry::parse(x).is_ok_and(|e| e.name == l));
     state.store.update(&account)?;
     let mut r = json_response(&json!({ "account": summary(&account) }));
     r.note = format!("account {} no longer owns {l}", account.uuid);

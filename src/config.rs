@@ -35,6 +35,11 @@ pub struct Config {
     pub registrar_name: String,
     /// Labels live under it (`namedServers`), lower case.
     pub servers_domain: String,
+    /// The first label of `registrar_name` when it is `LABEL.servers_domain`: no
+    /// account may own it.
+    pub reserved_label: Option<String>,
+    /// What the 307's `Location` names: the label's name or `public_host`.
+    pub redirect_host: RedirectHost,
     /// PEM certificate chain of the relay.
     pub cert: PathBuf,
     /// PEM private key of the relay.
@@ -48,7 +53,8 @@ pub struct Config {
     pub store: StoreSpec,
     /// First and last port (inclusive) for plug and rendezvous ports.
     pub port_range: (u16, u16),
-    /// Waiting responders per label (PROTOCOL.md section 1, default 5).
+    /// Waiting responders and open plugs per label (PROTOCOL.md section 1,
+    /// default 21, the original's).
     pub max_waiting: usize,
     /// How long a plug waits for its one connection (default 30 s).
     pub plug_timeout: Duration,
@@ -89,6 +95,16 @@ pub struct Config {
     pub copier: Copier,
 }
 
+/// The host a 307 names (`redirect_host`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectHost {
+    /// `LABEL.servers_domain`, the original's: the client checks the hidden
+    /// server's certificate against the name it asked for.
+    Name,
+    /// `public_host`, for set-ups without wildcard DNS.
+    Address,
+}
+
 /// The file as written, every key optional. Unknown keys are refused by serde,
 /// with the key's name in the message.
 #[derive(Deserialize, Default)]
@@ -99,6 +115,7 @@ struct RawConfig {
     port: Option<u16>,
     registrar_name: Option<String>,
     servers_domain: Option<String>,
+    redirect_host: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     tls: Option<bool>,
@@ -197,12 +214,22 @@ impl Config {
             .map_err(|r| bad("registrar_name", r))?;
         let servers_domain = host_name(&raw.servers_domain, "taas.localhost")
             .map_err(|r| bad("servers_domain", r))?;
-        if registrar_name.ends_with(&format!(".{servers_domain}")) {
-            return Err(bad(
-                "registrar_name",
-                format!("{registrar_name} must not be a label under servers_domain"),
-            ));
-        }
+        // A registrar named LABEL.servers_domain takes that label's name: an
+        // exact match of registrar_name is the registrar (PROTOCOL.md section 2).
+        let reserved_label = registrar_name
+            .strip_suffix(&format!(".{servers_domain}"))
+            .filter(|first| !first.contains('.'))
+            .map(str::to_string);
+        let redirect_host = match raw.redirect_host.as_deref() {
+            None | Some("name") => RedirectHost::Name,
+            Some("address") => RedirectHost::Address,
+            Some(other) => {
+                return Err(bad(
+                    "redirect_host",
+                    format!("{other:?} is not \"name\" or \"address\""),
+                ));
+            }
+        };
         let cert_is_default = raw.cert.is_none() && raw.key.is_none();
         let data = Path::new(DEFAULT_DATA_DIR);
         let store_text = raw
@@ -251,13 +278,15 @@ impl Config {
             port: raw.port.unwrap_or(8443),
             registrar_name,
             servers_domain,
+            reserved_label,
+            redirect_host,
             cert: raw.cert.unwrap_or_else(|| data.join("registrar.crt")),
             key: raw.key.unwrap_or_else(|| data.join("registrar.key")),
             cert_is_default,
             tls: raw.tls.unwrap_or(true),
             store,
             port_range,
-            max_waiting: positive("max_waiting", raw.max_waiting, 5)?,
+            max_waiting: positive("max_waiting", raw.max_waiting, 21)?,
             plug_timeout: seconds("plug_timeout", raw.plug_timeout, 30.0)?,
             pair_wait: seconds("pair_wait", raw.pair_wait, 5.0)?,
             rendezvous_idle: seconds("rendezvous_idle", raw.rendezvous_idle, 60.0)?,
@@ -293,6 +322,60 @@ impl Config {
             Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
             _ => format!("{}:{port}", self.public_host),
         }
+    }
+
+    /// The `Location` of a 307 for `label` to its rendezvous port `port`:
+    /// `SCHEME://LABEL.servers_domain:PORT` (or `public_host` with
+    /// `redirect_host = "address"`) followed by `target`, which must start with
+    /// `/`. Built from the configuration and a validated label only.
+    pub fn rendezvous_url(&self, label: &str, port: u16, target: &str) -> String {
+        let host = match self.redirect_host {
+            RedirectHost::Name => format!("{label}.{}:{port}", self.servers_domain),
+            RedirectHost::Address => self.public_addr(port),
+        };
+        format!("{}://{host}{target}", self.scheme())
+    }
+
+    /// Refuses an account with a label entry this relay cannot serve
+    /// (`check_entry`).
+    pub fn check_account(&self, account: &crate::store::Account) -> Result<()> {
+        for text in &account.labels {
+            self.check_entry(&label::Entry::parse(text)?)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses an account's label entry this relay cannot serve: the reserved
+    /// label, or a fixed port inside `port_range` or on the well-known port.
+    pub fn check_entry(&self, entry: &label::Entry) -> Result<()> {
+        if self.reserved_label.as_deref() == Some(entry.name.as_str()) {
+            return Err(Error::ReservedLabel {
+                label: entry.name.clone(),
+                reason: format!(
+                    "{}.{} is the registrar's name (registrar_name)",
+                    entry.name, self.servers_domain
+                ),
+            });
+        }
+        let Some(port) = entry.port else {
+            return Ok(());
+        };
+        let (first, last) = self.port_range;
+        let reason = if (first..=last).contains(&port) {
+            format!(
+                "port {port} lies inside port_range {first}-{last}, where plugs and rendezvous ports are taken"
+            )
+        } else if port == self.port {
+            format!("port {port} is the relay's well-known port")
+        } else if self.status_listen.is_some_and(|a| a.port() == port) {
+            format!("port {port} is the status listener's")
+        } else {
+            return Ok(());
+        };
+        Err(Error::BadFixedPort {
+            entry: entry.stored(),
+            reason,
+        })
     }
 
     /// The URL scheme mobile clients are sent to: `https` unless TLS is off.
@@ -351,7 +434,9 @@ mod tests {
         assert_eq!(c.bind_host, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(c.port, 8443);
         assert_eq!(c.port_range, (20000, 29999));
-        assert_eq!(c.max_waiting, 5);
+        assert_eq!(c.max_waiting, 21);
+        assert_eq!(c.redirect_host, RedirectHost::Name);
+        assert_eq!(c.reserved_label, None);
         assert_eq!(c.plug_timeout, Duration::from_secs(30));
         assert!(c.cert_is_default && c.tls && c.plug_same_ip);
         assert_eq!(c.cert, Path::new("taas-data/registrar.crt"));
@@ -382,6 +467,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("z.toml"), "{e}");
+    }
+
+    #[test]
+    fn registrar_under_servers_domain_reserves_its_label() {
+        let c = Config::from_toml(
+            "registrar_name = \"registrar.taas.example.com\"\nservers_domain = \"taas.example.com\"",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.reserved_label.as_deref(), Some("registrar"));
+        let e = c
+            .check_entry(&label::Entry::parse("registrar").unwrap())
+            .unwrap_err();
+        assert!(matches!(e, Error::ReservedLabel { .. }), "{e}");
+        assert!(e.to_string().contains("registrar_name"), "{e}");
+        assert!(c.check_entry(&label::Entry::parse("web").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn fixed_ports_outside_the_range_only() {
+        let c = Config::default();
+        let entry = |t: &str| label::Entry::parse(t).unwrap();
+        assert!(c.check_entry(&entry("cam:8888")).is_ok());
+        for bad in ["cam:20000", "cam:29999", "cam:8443"] {
+            let e = c.check_entry(&entry(bad)).unwrap_err();
+            assert!(matches!(e, Error::BadFixedPort { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn location_names_the_label_or_the_address() {
+        let c = Config::default();
+        assert_eq!(
+            c.rendezvous_url("demo", 20001, "/a?b=1"),
+            "https://demo.taas.localhost:20001/a?b=1"
+        );
+        let c = Config::from_toml("redirect_host = \"address\"", "t").unwrap();
+        assert_eq!(
+            c.rendezvous_url("demo", 20001, "/"),
+            "https://127.0.0.1:20001/"
+        );
+        assert!(Config::from_toml("redirect_host = \"ip\"", "t").is_err());
     }
 
     #[test]

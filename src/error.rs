@@ -55,6 +55,43 @@ pub enum Error {
         owner: String,
     },
     /// An account ID (UUID) is malformed.
+    /// A fixed port (`LABEL:PORT`) another account's label already has.
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// The account that has it.
+        owner: String,
+    },
+    /// A fixed port the configuration does not allow (inside `port_range`, …).
+    BadFixedPort {
+        /// The label entry.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
+    /// A label the configuration reserves (the registrar's own name).
+    ReservedLabel {
+        /// The label.
+        label: String,
+        /// Why it is reserved.
+        reason: String,
+    },
+    /// The fixed rendezvous port of a label cannot be listened on.
+    FixedPortUnavailable {
+        /// The label.
+        label: String,
+        /// The port.
+        port: u16,
+        /// What the operating system said.
+        err: io::Error,
+    },
+    /// The label's pool and open plugs already hold `max_waiting`.
+    PoolFull {
+        /// The label.
+        label: String,
+        /// `max_waiting`.
+        max: usize,
+    },
     BadId(String),
     /// No account with this ID.
     NoSuchAccount(String),
@@ -116,6 +153,9 @@ pub enum Error {
 }
 
 /// The library's result type.
+/// Retry-After of a registration refused at a full pool, in seconds.
+pub const POOL_FULL_RETRY: u64 = 15;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
@@ -128,7 +168,11 @@ impl Error {
             Error::NotFound | Error::NoSuchAccount(_) => 404,
             Error::MethodNotAllowed(_) => 405,
             Error::Timeout(_) => 408,
-            Error::LabelTaken { .. } | Error::AccountExists(_) => 409,
+            Error::LabelTaken { .. }
+            | Error::PortTaken { .. }
+            | Error::AccountExists(_)
+            | Error::ReservedLabel { .. } => 409,
+            Error::BadFixedPort { .. } => 400,
             Error::HeadTooLarge(_) => 431,
             Error::MisdirectedHost(_) => 421,
             Error::Throttled(_) => 429,
@@ -136,6 +180,8 @@ impl Error {
             Error::StoreUnavailable(_)
             | Error::NoFreePort
             | Error::NoResponder(_)
+            | Error::FixedPortUnavailable { .. }
+            | Error::PoolFull { .. }
             | Error::Limit(_) => 503,
             _ => 500,
         }
@@ -146,6 +192,10 @@ impl Error {
         match self {
             Error::Throttled(d) => Some(d.as_secs().max(1)),
             Error::StoreUnavailable(_) | Error::Limit(_) => Some(5),
+            // The original steward waits 15 s after any 503; a full pool frees
+            // a place only when a responder is paired or dies.
+            Error::PoolFull { .. } => Some(POOL_FULL_RETRY),
+            Error::FixedPortUnavailable { .. } => Some(30),
             Error::NoFreePort | Error::NoResponder(_) => Some(1),
             _ => None,
         }
@@ -192,6 +242,26 @@ impl fmt::Display for Error {
             Error::LabelTaken { label, owner } => {
                 write!(f, "label {label:?} is already owned by account {owner}")
             }
+            Error::PortTaken { port, owner } => {
+                write!(
+                    f,
+                    "fixed port {port} is already a label's of account {owner}"
+                )
+            }
+            Error::BadFixedPort { entry, reason } => write!(f, "label {entry:?}: {reason}"),
+            Error::ReservedLabel { label, reason } => {
+                write!(f, "label {label:?} is reserved: {reason}")
+            }
+            Error::FixedPortUnavailable { label, port, err } => {
+                write!(
+                    f,
+                    "cannot listen on fixed port {port} of label {label}: {err}"
+                )
+            }
+            Error::PoolFull { label, max } => write!(
+                f,
+                "{label} already has max_waiting ({max}) responders waiting or connecting"
+            ),
             Error::BadId(id) => write!(f, "bad account ID {id:?}: expected a UUID"),
             Error::NoSuchAccount(id) => write!(f, "no account {id}"),
             Error::AccountExists(id) => write!(f, "account {id} exists already"),

@@ -97,7 +97,8 @@ enum UsersCommand {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "add")]
 struct UsersAdd {
-    /// the label the account may register
+    /// the label the account may register; LABEL:PORT also gives it the fixed
+    /// rendezvous port PORT (outside port_range), as the original stores it
     #[argh(positional)]
     label: String,
     /// use this UUID instead of a new one
@@ -261,6 +262,7 @@ fn users_add(a: &UsersAdd) -> Result<()> {
     // The provisioning file carries the relay's certificate: make it now when the
     // defaults are in use, as `taas serve` would on first start.
     let account = Account::new(a.id.as_deref(), std::slice::from_ref(&a.label))?;
+    config.check_account(&account)?;
     taas::cert::ensure_default(&config)?;
     let provision = taas::provision::Provision::new(&account, &config)?;
     store.insert(&account)?;
@@ -285,10 +287,16 @@ fn users_add(a: &UsersAdd) -> Result<()> {
 fn expose(a: Expose) -> Result<()> {
     taas::logging::init(None)?;
     let p = taas::provision::Provision::load(&a.provision)?;
+    // Entries may be LABEL:PORT (a fixed port); the registration names LABEL.
+    let names = p
+        .labels
+        .iter()
+        .map(|e| taas::label::Entry::parse(e).map(|e| e.name))
+        .collect::<Result<Vec<_>>>()?;
     let label = match a.label {
         Some(l) => {
             let l = taas::label::validate(&l)?;
-            if !p.labels.iter().any(|x| x.eq_ignore_ascii_case(&l)) {
+            if !names.contains(&l) {
                 return Err(Error::Usage(format!(
                     "{} does not list label {l} (it has {})",
                     a.provision.display(),
@@ -297,8 +305,7 @@ fn expose(a: Expose) -> Result<()> {
             }
             l
         }
-        None => p
-            .labels
+        None => names
             .first()
             .cloned()
             .ok_or_else(|| Error::Usage(format!("{} lists no label", a.provision.display())))?,

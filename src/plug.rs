@@ -22,20 +22,25 @@ pub const MAX_TICK: Duration = Duration::from_millis(50);
 /// Stack of a plug thread.
 pub const PLUG_STACK: usize = 64 * 1024;
 
-/// Opens a plug for `label` and returns its port.
-/// At the label's `max_plugs`, `Error::Limit` (503 with Retry-After).
+/// Opens a plug for `label` and returns its port. When the label's pool and
+/// open plugs already hold `max_waiting`, `Error::PoolFull` (503 with
+/// Retry-After) and no plug.
 pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Result<u16> {
     let Some(slot) = label.plug_slot() else {
         shared.refusals.note(
-            "plugs per label",
+            "max_waiting",
             &format!(
-                "{} from {registrant} ({} open)",
+                "{} from {registrant} ({} waiting, {} plugs open)",
                 label.name,
-                label.max_plugs()
+                label.waiting(),
+                label.plugs_open()
             ),
         );
-        shared.metrics.refused("plugs_per_label");
-        return Err(Error::Limit("plugs per label"));
+        shared.metrics.refused("max_waiting");
+        return Err(Error::PoolFull {
+            label: label.name.clone(),
+            max: label.max_waiting(),
+        });
     };
     let listener = shared.bind_free_port()?;
     let port = listener

@@ -2,8 +2,9 @@
 //! the label's rendezvous port, the last 307s given out and the pairing records.
 //!
 //! Invariants:
-//! - a pool holds at most `max_waiting` responders; a newcomer at a full pool
-//!   evicts the oldest; order is first in, first paired;
+//! - a label holds at most `max_waiting` responders and open plugs together: a
+//!   plug slot is refused past it (the registration gets 503 before any plug
+//!   opens), so a full pool never evicts; order is first in, first paired;
 //! - a responder whose peer closed or reset is never handed out: `take` and `prune`
 //!   peek without consuming (early octets of an `--eager` agent stay for the mobile
 //!   client) and drop the dead;
@@ -106,11 +107,14 @@ pub struct Label {
     pairings: Mutex<VecDeque<Pairing>>,
     /// When a responder last arrived or was paired.
     last_active: Mutex<Option<Instant>>,
-    /// Plugs open for this label (bounded by `max_plugs`).
+    /// Plugs open for this label (with the pool, bounded by `max_waiting`).
     plugs: std::sync::atomic::AtomicUsize,
+    /// The fixed rendezvous port (`LABEL:PORT`), as the last registration's
+    /// account said.
+    fixed_port: Mutex<Option<u16>>,
 }
 
-/// A plug counted against its label's `max_plugs`, until dropped.
+/// A plug counted against its label's `max_waiting`, until dropped.
 pub struct PlugSlot(Arc<Label>);
 
 impl Drop for PlugSlot {
@@ -122,23 +126,45 @@ impl Drop for PlugSlot {
 }
 
 impl Label {
-    /// Plugs one label may have open at once: twice its pool, room for two
-    /// agents refilling it together. One leaked token must not take the whole
-    /// port range from every other label.
-    pub fn max_plugs(&self) -> usize {
-        2 * self.tx.capacity().unwrap_or(1).max(1)
+    /// Responders and open plugs one label may hold together (`max_waiting`, the
+    /// pool's capacity). One leaked token cannot take the port range from every
+    /// other label, and a hidden server that wants more gets 503, not a loop.
+    pub fn max_waiting(&self) -> usize {
+        self.tx.capacity().unwrap_or(1).max(1)
     }
 
-    /// A plug slot of this label, or `None` at `max_plugs`.
+    /// A plug slot of this label, or `None` when its pool and open plugs hold
+    /// `max_waiting`. At a full label the dead responders are dropped first, so a
+    /// refusal is never caused by a stale pool.
     pub fn plug_slot(self: &Arc<Label>) -> Option<PlugSlot> {
         use std::sync::atomic::Ordering;
-        let max = self.max_plugs();
-        self.plugs
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| PlugSlot(self.clone()))
+        let max = self.max_waiting();
+        let take = |waiting: usize| {
+            self.plugs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n + waiting < max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if take(self.waiting()) || take(self.prune()) {
+            return Some(PlugSlot(self.clone()));
+        }
+        None
+    }
+
+    /// Plugs open now.
+    pub fn plugs_open(&self) -> usize {
+        self.plugs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sets the fixed rendezvous port the owner's account gives this label.
+    pub fn set_fixed_port(&self, port: Option<u16>) {
+        *self.fixed_port.lock().unwrap_or_else(|p| p.into_inner()) = port;
+    }
+
+    /// The fixed rendezvous port, if the label has one.
+    pub fn fixed_port(&self) -> Option<u16> {
+        *self.fixed_port.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A label with an empty pool of capacity `max_waiting`.
@@ -154,6 +180,7 @@ impl Label {
             pairings: Mutex::new(VecDeque::new()),
             plugs: std::sync::atomic::AtomicUsize::new(0),
             last_active: Mutex::new(None),
+            fixed_port: Mutex::new(None),
         }
     }
 
@@ -171,8 +198,9 @@ impl Label {
             .is_some_and(|t| t.elapsed() < window)
     }
 
-    /// Adds a responder; at a full pool the oldest is closed to make room.
-    /// Returns the evicted responder's peer, if any.
+    /// Adds a responder. Plug slots keep the pool from filling; should it be full
+    /// all the same (a plug that outlived a refusal), the oldest is closed to
+    /// make room. Returns the evicted responder's peer, if any.
     pub fn push(&self, responder: Responder) -> Option<SocketAddr> {
         let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.touch();
@@ -350,6 +378,32 @@ mod tests {
         assert_eq!(got.peer, p3);
         assert_ne!(got.peer, p2);
         assert!(label.take(Duration::from_millis(10)).is_none());
+    }
+
+    #[test]
+    fn plug_slots_and_pool_share_max_waiting() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let label = Arc::new(Label::new("demo", 3));
+        let (c1, r1) = pair(&l);
+        label.push(r1);
+        let a = label.plug_slot().expect("1 waiting + 0 plugs < 3");
+        let b = label.plug_slot().expect("1 waiting + 1 plug < 3");
+        assert!(label.plug_slot().is_none(), "1 waiting + 2 plugs = 3");
+        drop(a);
+        let a = label.plug_slot().expect("a plug slot was given back");
+        assert!(label.plug_slot().is_none());
+        // A dead responder frees its place at the next refusal.
+        drop(c1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut slot = None;
+        while slot.is_none() && Instant::now() < deadline {
+            slot = label.plug_slot();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(slot.is_some(), "the dead responder was pruned");
+        assert_eq!(label.waiting(), 0);
+        drop((a, b));
+        assert_eq!(label.plugs_open(), 1);
     }
 
     #[test]

@@ -99,7 +99,10 @@ impl Provision {
         } else {
             None
         };
-        let first = account.labels.first().cloned().unwrap_or_default();
+        // `name` is the first label's host name (`cam` of a fixed-port `cam:8888`).
+        let first = account.labels.first().map_or("", |l| {
+            l.split_once(':').map_or(l.as_str(), |(name, _)| name)
+        });
         Ok(Provision {
             uuid: vec![account.uuid.clone()],
             labels: account.labels.clone(),

@@ -3,7 +3,7 @@
 //!
 //! Invariants: nothing is done for a request before its credentials pass the
 //! throttle and TOTP check; the token is never logged; the answer body of a 200 is
-//! `public_host:port` built from the config, never from the request.
+//! exactly `public_host:port` built from the config, never from the request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::http::{Head, Response};
 use crate::label;
 use crate::plug;
+use crate::rendezvous;
 use crate::server::Shared;
 use crate::store::Account;
 
@@ -30,10 +31,18 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
             return Err(Error::Limit("draining"));
         }
         let name = label::validate(name)?;
-        authorize(shared, head, peer, &name)?;
+        let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
+        lab.set_fixed_port(account.fixed_port(&name));
+        if lab.fixed_port().is_some() {
+            // A fixed port listens from the label's first registration on; one
+            // the relay cannot bind is this registration's error.
+            rendezvous::port_for(shared, &lab)?;
+        }
         let port = plug::open(shared, lab, peer.ip())?;
-        let mut r = Response::text(200, shared.config.public_addr(port));
+        let mut r = Response::text(200, "");
+        // Exactly HOST:PORT, as the original: strict parsers fail on a newline.
+        r.body = shared.config.public_addr(port).into_bytes();
         r.note = format!("plug {port}");
         shared.metrics.registration("ok");
         Ok(r)

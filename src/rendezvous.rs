@@ -1,6 +1,8 @@
 //! Rendezvous (PROTOCOL.md section 2): one port per label, opened when a mobile
 //! client is first sent to it, given out in every 307 while open, and closed after
-//! `rendezvous_idle` with no waiting responder and no new connection. Each
+//! `rendezvous_idle` with no waiting responder and no new connection. A label
+//! with a fixed port (`LABEL:PORT`) listens there from its first registration
+//! until the relay stops. Each
 //! connection accepted there is paired with the oldest live waiting responder
 //! (waiting up to `pair_wait`) and relayed.
 //!
@@ -57,14 +59,34 @@ impl Rendezvous {
     }
 }
 
-/// The label's rendezvous port, opened if needed, and marked used.
+/// The label's rendezvous port, opened if needed, and marked used: its fixed
+/// port when it has one (`LABEL:PORT`), else a free port of `port_range`.
 pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
     let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+    let fixed = label.fixed_port();
     if let Some(rv) = slot.as_ref() {
-        rv.touch();
-        return Ok(rv.port);
+        if fixed.is_none_or(|port| port == rv.port) {
+            rv.touch();
+            return Ok(rv.port);
+        }
+        // The account now gives the label another fixed port.
+        log::info!(
+            "rendezvous {} closed for {}: fixed port changed",
+            rv.port,
+            label.name
+        );
+        rv.close();
+        *slot = None;
     }
-    let listener = shared.bind_free_port()?;
+    let listener = match fixed {
+        Some(port) => crate::server::listen(SocketAddr::new(shared.config.bind_host, port))
+            .map_err(|err| crate::Error::FixedPortUnavailable {
+                label: label.name.clone(),
+                port,
+                err,
+            })?,
+        None => shared.bind_free_port()?,
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| crate::Error::io("rendezvous bind", e))?;
@@ -85,9 +107,13 @@ pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
 }
 
 /// Closes the rendezvous ports of labels idle longer than `rendezvous_idle` with
-/// no waiting responder (called by the housekeeper).
+/// no waiting responder (called by the housekeeper). A fixed port stays open
+/// until the relay stops.
 pub fn close_idle(shared: &Shared) {
     for label in shared.labels.all() {
+        if label.fixed_port().is_some() {
+            continue;
+        }
         let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
         let idle = slot
             .as_ref()

@@ -373,7 +373,8 @@ impl Server {
             None
         };
         let addr = SocketAddr::new(config.bind_host, config.port);
-        let listener = listen(addr)?;
+        let listener =
+            listen(addr).map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
@@ -503,18 +504,17 @@ impl Drop for Server {
     }
 }
 
-/// Binds the well-known port with a larger backlog than std's.
-fn listen(addr: SocketAddr) -> Result<TcpListener> {
-    let fail = |e: std::io::Error| Error::Usage(format!("cannot listen on {addr}: {e}"));
+/// Binds `addr` with a larger backlog than std's (the well-known port, fixed
+/// rendezvous ports).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
-    )
-    .map_err(fail)?;
-    socket.set_reuse_address(true).map_err(fail)?;
-    socket.bind(&addr.into()).map_err(fail)?;
-    socket.listen(BACKLOG).map_err(fail)?;
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
     Ok(socket.into())
 }
 
@@ -678,11 +678,7 @@ fn answer(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Respons
             let mut r = Response::text(307, "");
             r.headers.push((
                 "Location",
-                format!(
-                    "{}://{}{target}",
-                    shared.config.scheme(),
-                    shared.config.public_addr(port)
-                ),
+                shared.config.rendezvous_url(&label.name, port, target),
             ));
             r.note = format!("rendezvous {port}");
             Ok(r)

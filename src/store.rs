@@ -131,7 +131,7 @@ impl Account {
         };
         let labels = labels
             .iter()
-            .map(|l| label::validate(l))
+            .map(|l| label::Entry::parse(l).map(|e| e.stored()))
             .collect::<Result<Vec<_>>>()?;
         let mut secret = [0u8; 20];
         random_bytes(&mut secret)?;
@@ -168,10 +168,34 @@ impl Account {
             .map_err(|e| bad(e.to_string()))
     }
 
-    /// Does this account own `label` (already lower case)?
+    /// Does this account own `label` (already lower case)? An entry `LABEL:PORT`
+    /// owns LABEL.
     pub fn owns(&self, label: &str) -> bool {
-        self.labels.iter().any(|l| l.eq_ignore_ascii_case(label))
+        self.labels
+            .iter()
+            .any(|l| entry_name(l).eq_ignore_ascii_case(label))
     }
+
+    /// The fixed rendezvous port of `label`, when its entry is `LABEL:PORT`.
+    pub fn fixed_port(&self, label: &str) -> Option<u16> {
+        self.labels
+            .iter()
+            .filter_map(|l| label::Entry::parse(l).ok())
+            .find(|e| e.name == label)
+            .and_then(|e| e.port)
+    }
+
+    /// The fixed ports of this account's labels.
+    pub fn fixed_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.labels
+            .iter()
+            .filter_map(|l| label::Entry::parse(l).ok()?.port)
+    }
+}
+
+/// The label part of a stored entry (`cam` of `cam:8888`).
+fn entry_name(entry: &str) -> &str {
+    entry.split_once(':').map_or(entry, |(name, _)| name)
 }
 
 /// Fills `buf` from the operating system's random source.
@@ -325,9 +349,18 @@ fn check_write<'a>(
         return Err(Error::NoSuchAccount(account.uuid.clone()));
     }
     for other in others.filter(|a| a.uuid != account.uuid) {
-        if let Some(l) = account.labels.iter().find(|l| other.owns(l)) {
+        if let Some(l) = account.labels.iter().find(|l| other.owns(entry_name(l))) {
             return Err(Error::LabelTaken {
                 label: l.clone(),
+                owner: other.uuid.clone(),
+            });
+        }
+        if let Some(port) = account
+            .fixed_ports()
+            .find(|p| other.fixed_ports().any(|q| q == *p))
+        {
+            return Err(Error::PortTaken {
+                port,
                 owner: other.uuid.clone(),
             });
         }

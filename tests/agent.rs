@@ -143,11 +143,13 @@ impl Setup {
         self.unfollowed("%{http_code}", &self.bundle)
     }
 
-    /// The rendezvous address a 307 gives out, once the label has responders.
+    /// The rendezvous address a 307 gives out, once the label has responders:
+    /// `web.taas.localhost:Q`, which a client resolves to loopback (as curl and
+    /// browsers do for `*.localhost`).
     fn rendezvous(&self) -> Option<String> {
         let url = self.unfollowed("%{redirect_url}", &self.dir.path().join("r.crt"));
-        let rest = url.strip_prefix("https://")?;
-        Some(rest.split('/').next()?.to_string())
+        let rest = url.strip_prefix("https://web.taas.localhost:")?;
+        Some(format!("127.0.0.1:{}", rest.split('/').next()?))
     }
 
     /// curl's `-w` output for one mobile request that is not followed.
@@ -181,7 +183,7 @@ struct Service {
 
 impl Service {
     fn start(port: u16, bundle: &Path, relay_cert: &Path) -> Service {
-        let (cert, key) = taas::cert::generate(vec!["127.0.0.1".into()]).unwrap();
+        let (cert, key) = taas::cert::generate(vec!["web.taas.localhost".into()]).unwrap();
         let mut pem = std::fs::read_to_string(relay_cert).unwrap();
         pem.push_str(&cert);
         std::fs::write(bundle, pem).unwrap();

@@ -110,7 +110,7 @@ fn metrics_and_status_count_exactly_one_registration_and_pair() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["labels"][0]["label"], "demo");
     assert_eq!(v["pairs_active"], 0);
-    assert_eq!(v["limits"]["max_waiting"], 5);
+    assert_eq!(v["limits"]["max_waiting"], 21);
     assert!(
         v["version"]
             .as_str()

@@ -471,7 +471,7 @@ fn curl_and_oathtool_register_and_a_curl_mobile_reaches_the_hidden_server() {
     assert_eq!(r.status, 307, "{out}");
     let location = r.header("location").unwrap().to_string();
     let q = location
-        .strip_prefix("https://127.0.0.1:")
+        .strip_prefix("https://demo.taas.localhost:")
         .and_then(|rest| rest.strip_suffix("/hello?x=1"))
         .unwrap_or_else(|| panic!("Location {location}"));
 

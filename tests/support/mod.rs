@@ -223,10 +223,24 @@ impl TestRelay {
         if r.status != 307 {
             return Err(r);
         }
-        let loc = r.header("location").unwrap();
-        let hostport = loc.split("://").nth(1).unwrap().split('/').next().unwrap();
-        Ok(hostport.parse().unwrap())
+        Ok(location_addr(r.header("location").unwrap()))
     }
+}
+
+/// The address a `Location` sends a client to, resolved as curl and browsers do:
+/// a `*.localhost` name is loopback (RFC 6761), an IP address is itself.
+pub fn location_addr(location: &str) -> SocketAddr {
+    let authority = location
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("Location {location:?}"));
+    if let Ok(addr) = authority.parse() {
+        return addr;
+    }
+    let (name, port) = authority.rsplit_once(':').unwrap();
+    assert!(name.ends_with(".localhost"), "Location {location:?}");
+    SocketAddr::from(([127, 0, 0, 1], port.parse().unwrap()))
 }
 
 /// A parsed HTTP answer.
