@@ -139,6 +139,9 @@ pub enum Error {
     Timeout(&'static str),
     /// A limit was hit; the text names it.
     Limit(&'static str),
+    /// An upstream (the registrar, to the agent) answered with something that is
+    /// not a well-framed HTTP/1.1 answer; the text says how.
+    BadAnswer(String),
     /// TLS set-up or handshake failed.
     Tls(String),
     /// Network I/O failed in the named phase.
@@ -183,6 +186,7 @@ impl Error {
             | Error::FixedPortUnavailable { .. }
             | Error::PoolFull { .. }
             | Error::Limit(_) => 503,
+            Error::BadAnswer(_) => 502,
             _ => 500,
         }
     }
@@ -283,6 +287,7 @@ impl fmt::Display for Error {
             Error::Redirect(to) => write!(f, "redirected to {to}"),
             Error::Timeout(phase) => write!(f, "{phase} timed out"),
             Error::Limit(which) => write!(f, "limit reached: {which}"),
+            Error::BadAnswer(why) => write!(f, "malformed HTTP answer: {why}"),
             Error::Tls(why) => write!(f, "TLS: {why}"),
             Error::Io { phase, err } => write!(f, "{phase}: {err}"),
             Error::Usage(why) => write!(f, "{why}"),

@@ -1,6 +1,7 @@
 //! End to end with real parts: `taas serve` and `taas expose` as processes, a local
 //! HTTPS service (TLS end to end: the relay never terminates it), and `curl -L` as
-//! the mobile client.
+//! the mobile client; and `taas expose` against a stand-in registrar that frames
+//! its answers as the original Node.js relay does (chunked), or otherwise.
 mod support;
 
 use std::io::{Read, Write};
@@ -475,4 +476,239 @@ fn legacy_js_provisioning_file_works() {
     );
     let _agent = s.expose(&js, svc_port);
     assert!(fetch_eventually(&s, "/legacy", Duration::from_secs(10)));
+}
+
+// A stand-in registrar (plain HTTP, as an `http://` issuer asks for) that frames
+// its 200 in the ways HTTP/1.1 allows, the original Node.js relay's way first.
+
+/// How `FakeRegistrar` frames the body of its 200.
+#[derive(Clone, Copy)]
+enum Framed {
+    /// `Transfer-Encoding: chunked`, the address over two chunks (Node's default
+    /// coding); the connection is then kept open, so an agent that waited for the
+    /// close would time out.
+    Chunked,
+    /// No `Content-Length`, no coding: the body, then the close.
+    Close,
+    /// `Content-Length`, the connection kept open.
+    Length,
+    /// Chunked with a chunk size that is not hex.
+    BadChunk,
+}
+
+/// Answers every `PUT /register/web` with a 200 naming its plug listener, which
+/// accepts and holds the agent's connections. Counts both; stops its threads on
+/// drop.
+struct FakeRegistrar {
+    port: u16,
+    plug_port: u16,
+    registrations: Arc<AtomicUsize>,
+    plugs: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FakeRegistrar {
+    fn start(framed: Framed) -> FakeRegistrar {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let plug = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let plug_port = plug.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let registrations = Arc::new(AtomicUsize::new(0));
+        let plugs = Arc::new(AtomicUsize::new(0));
+        let (s, n) = (stop.clone(), registrations.clone());
+        let registrar = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut tcp) = conn else { continue };
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if tcp.read(&mut b).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(b[0]);
+                }
+                if !head.starts_with(b"PUT /register/web HTTP/1.1\r\n") {
+                    continue;
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                let addr = format!("127.0.0.1:{plug_port}");
+                let (first, second) = addr.split_at(4);
+                let parts: Vec<String> = match framed {
+                    Framed::Chunked => vec![
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                        format!("{:x}\r\n{first}\r\n", first.len()),
+                        format!("{:x}\r\n{second}\r\n0\r\n\r\n", second.len()),
+                    ],
+                    Framed::Close => vec![
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".into(),
+                        addr.clone(),
+                    ],
+                    Framed::Length => vec![format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{addr}",
+                        addr.len()
+                    )],
+                    Framed::BadChunk => vec![format!(
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{addr}\r\n0\r\n\r\n"
+                    )],
+                };
+                for part in parts {
+                    let _ = tcp.write_all(part.as_bytes());
+                }
+                if matches!(framed, Framed::Chunked | Framed::Length) {
+                    held.push(tcp);
+                }
+            }
+        });
+        let (s, n) = (stop.clone(), plugs.clone());
+        let plugs_thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in plug.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(tcp) = conn {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    held.push(tcp);
+                }
+            }
+        });
+        FakeRegistrar {
+            port,
+            plug_port,
+            registrations,
+            plugs,
+            stop,
+            threads: vec![registrar, plugs_thread],
+        }
+    }
+
+    /// A provisioning file for it, in `dir`.
+    fn provision(&self, dir: &Path) -> PathBuf {
+        let p = taas::provision::Provision {
+            uuid: vec!["8f6b2c1e-4d3a-4b5c-9e7f-0a1b2c3d4e5f".into()],
+            labels: vec!["web".into()],
+            base32: "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP".into(),
+            step: 30,
+            digits: 6,
+            algorithm: "sha1".into(),
+            protocol: "totp".into(),
+            name: "web.taas.localhost".into(),
+            issuer: "http://registrar.localhost".into(),
+            server: taas::provision::ServerInfo {
+                hostname: "127.0.0.1".into(),
+                port: self.port,
+                ca: None,
+            },
+        };
+        p.write(dir).unwrap().0
+    }
+
+    fn registrations(&self) -> usize {
+        self.registrations.load(Ordering::SeqCst)
+    }
+
+    fn plugs(&self) -> usize {
+        self.plugs.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeRegistrar {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let _ = TcpStream::connect(("127.0.0.1", self.plug_port));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `taas expose` against `registrar` with `--pool pool`, its log in `dir/log`.
+fn expose_to(registrar: &FakeRegistrar, dir: &Path, pool: usize) -> Proc {
+    let provision = registrar.provision(dir);
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    Proc(
+        Command::new(taas_bin())
+            .args([
+                "expose",
+                provision.to_str().unwrap(),
+                "--to",
+                &format!("127.0.0.1:{}", free_port()),
+                "--pool",
+                &pool.to_string(),
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
+
+/// The agent registers with a registrar framed `framed` and its pool of 3
+/// fills at the first try of each slot.
+fn pool_fills(framed: Framed) {
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = FakeRegistrar::start(framed);
+    let agent = expose_to(&registrar, dir.path(), 3);
+    let filled = wait_until(Duration::from_secs(20), || registrar.plugs() >= 3);
+    let log = agent_log(dir.path());
+    drop(agent);
+    assert!(
+        filled,
+        "{} plug connections after {} registrations; agent log:\n{log}",
+        registrar.plugs(),
+        registrar.registrations()
+    );
+    assert!(!log.contains("retrying"), "a slot failed:\n{log}");
+}
+
+#[test]
+fn agent_pool_fills_from_a_chunked_answer_like_node() {
+    pool_fills(Framed::Chunked);
+}
+
+#[test]
+fn agent_pool_fills_from_a_close_delimited_answer() {
+    pool_fills(Framed::Close);
+}
+
+#[test]
+fn agent_pool_fills_from_a_content_length_answer_without_waiting_for_the_close() {
+    pool_fills(Framed::Length);
+}
+
+#[test]
+fn agent_backs_off_after_a_malformed_chunked_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = FakeRegistrar::start(Framed::BadChunk);
+    let agent = expose_to(&registrar, dir.path(), 1);
+    // It retries, and says why.
+    let retried = wait_until(Duration::from_secs(20), || {
+        registrar.registrations() >= 2 && agent_log(dir.path()).contains("bad chunk size")
+    });
+    // Then backs off: 250 ms, then 0.5-1 s, 1-2 s, 2-4 s between tries, so a few
+    // registrations in the next 3 s, not the hundreds of a loop.
+    let looped = wait_until(Duration::from_secs(3), || registrar.registrations() > 8);
+    let log = agent_log(dir.path());
+    drop(agent);
+    assert!(retried, "agent log:\n{log}");
+    assert!(
+        !looped,
+        "{} registrations: no backoff",
+        registrar.registrations()
+    );
+    assert_eq!(registrar.plugs(), 0, "a malformed answer gave a plug");
 }
