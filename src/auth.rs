@@ -2,10 +2,11 @@
 //! failure throttle (RFC 4226 section 7.3) and the replay rule.
 //!
 //! Invariants: the throttle is checked before any secret is touched; a success never
-//! refills a budget; the replay table only grows with accounts that authenticated,
-//! and the throttle table is capped at `MAX_TRACKED`; no token reaches a log line.
+//! refills a budget; a stranger's failures never hold back a source the ID trusts;
+//! the replay and trust tables only grow with successes, the throttle table is
+//! capped at `MAX_TRACKED` and fails closed when full; no token reaches a log line.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,10 +16,6 @@ use crate::store::{Account, Store};
 
 /// Longest ID accepted in a header (a UUID is 36; legacy IDs are short too).
 pub const MAX_ID: usize = 128;
-/// Most addresses and IDs the throttle tracks at once; past it, buckets that have
-/// refilled are forgotten first, and if none has, a new key is not tracked (the
-/// per-address bucket of the attacker is still there).
-pub const MAX_TRACKED: usize = 100_000;
 
 /// The two parameters of `Authorization: TOTP username="ID", response="TOKEN"`.
 pub struct Credentials {
@@ -84,20 +81,52 @@ struct Bucket {
 /// What a throttle bucket is kept for.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Key {
-    /// A source address.
+    /// A source address (`server::source`): every failure from it, and the
+    /// one bucket of the unknown IDs it tries.
     Addr(IpAddr),
-    /// An account ID as sent.
+    /// An existing account ID: failures of sources it does not trust.
     Id(String),
+    /// A source the ID trusts: that source's own failures for that ID (in place
+    /// of the ID's budget).
+    Trusted(IpAddr, String),
 }
 
+/// Failure buckets, bounded: a queue of keys in the order their buckets will
+/// have refilled prunes a few per failure (amortised O(1)), and a new key at a
+/// full table is not tracked: the caller then refuses (fails closed).
+struct Buckets {
+    /// Bucket by key.
+    map: HashMap<Key, Bucket>,
+    /// Every key of `map` once, with when its bucket was (last seen) due full.
+    due: VecDeque<(Key, Instant)>,
+}
+
+/// How many throttle keys are tracked at once (about 100 bytes each: 5 MB).
+pub const MAX_TRACKED: usize = 50_000;
+/// How long a success from a source makes the ID trust it (the owner's agent
+/// registers again after every pairing, so it stays trusted while it runs).
+pub const TRUST_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Most (source, ID) pairs trusted at once; only successes add them.
+pub const MAX_TRUSTED: usize = 50_000;
+/// Expired entries pruned per failure.
+const PRUNE_PER_FAILURE: usize = 2;
+
 /// Checks credentials against the store, with the throttle and the replay rule.
+///
+/// The per-ID budget never locks the owner out (OWASP: lock out untrusted
+/// clients only): a source that authenticated as an ID within `TRUST_FOR` is
+/// held back only by budgets of its own (its address's, and its own for that
+/// ID), while strangers' failures spend the ID's budget, so guessing spread over many addresses stays
+/// throttled. Unknown IDs spend only the source's budget and create no entry.
 pub struct Guard {
     /// Failures allowed before 429.
     budget: f64,
     /// One failure forgiven per this long.
     refill: Duration,
-    /// Failure buckets by address and by ID.
-    buckets: Mutex<HashMap<Key, Bucket>>,
+    /// Failure buckets.
+    buckets: Mutex<Buckets>,
+    /// (source, ID) to the time of its last success.
+    trusted: Mutex<HashMap<(IpAddr, String), Instant>>,
     /// Per ID: the last step accepted and the address it came from.
     last_step: Mutex<HashMap<String, (u64, IpAddr)>>,
 }
@@ -108,7 +137,11 @@ impl Guard {
         Guard {
             budget: f64::from(budget),
             refill,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                due: VecDeque::new(),
+            }),
+            trusted: Mutex::new(HashMap::new()),
             last_step: Mutex::new(HashMap::new()),
         }
     }
@@ -121,13 +154,19 @@ impl Guard {
         peer: IpAddr,
         unix_time: u64,
     ) -> Result<Account> {
-        let keys = [
-            Key::Addr(crate::server::source(peer)),
-            Key::Id(creds.username.clone()),
-        ];
+        let src = crate::server::source(peer);
+        let id = &creds.username;
+        // The source's own budget always; then the ID's, or, for a source the
+        // ID trusts, that source's budget for the ID.
+        let keys = if self.trusts(src, id) {
+            [Key::Addr(src), Key::Trusted(src, id.clone())]
+        } else {
+            [Key::Addr(src), Key::Id(id.clone())]
+        };
         self.check(&keys)?;
-        let Some(account) = store.get(&creds.username)? else {
-            self.fail(&keys);
+        let Some(account) = store.get(id)? else {
+            // No entry for an ID that does not exist: the source pays alone.
+            self.fail(&keys[..1]);
             return Err(Error::AuthFailed);
         };
         let totp = match account.totp() {
@@ -142,41 +181,82 @@ impl Guard {
             self.fail(&keys);
             return Err(Error::AuthFailed);
         };
-        if !self.accept_step(&account.uuid, step, peer) {
+        if let Err(last) = self.accept_step(&account.uuid, step, peer) {
+            // A right token, already used elsewhere: not a guess, so no budget
+            // is spent; the next step's token will do.
+            let next = (last + 1).saturating_mul(totp.step);
+            let wait = Duration::from_secs(next.saturating_sub(unix_time).max(1));
             log::warn!(
-                "account {}: replayed token from {peer} refused",
-                account.uuid
+                "account {}: token of step {step} already used from another address; {peer} may retry in {} s",
+                account.uuid,
+                wait.as_secs()
             );
-            self.fail(&keys);
-            return Err(Error::AuthFailed);
+            return Err(Error::Replay(wait));
         }
+        self.trust(src, id);
         Ok(account)
     }
 
+    /// Did `src` authenticate as `id` within `TRUST_FOR`?
+    fn trusts(&self, src: IpAddr, id: &str) -> bool {
+        let trusted = crate::server::lock(&self.trusted);
+        trusted
+            .get(&(src, id.to_string()))
+            .is_some_and(|t| t.elapsed() < TRUST_FOR)
+    }
+
+    /// Notes a success of `src` as `id`.
+    fn trust(&self, src: IpAddr, id: &str) {
+        let mut trusted = crate::server::lock(&self.trusted);
+        if trusted.len() >= MAX_TRUSTED && !trusted.contains_key(&(src, id.to_string())) {
+            // Rare (successes only): forget the expired, else trust no more.
+            trusted.retain(|_, t| t.elapsed() < TRUST_FOR);
+            if trusted.len() >= MAX_TRUSTED {
+                return;
+            }
+        }
+        trusted.insert((src, id.to_string()), Instant::now());
+    }
+
     /// The replay rule: a newer step is taken; the same step only from the same
-    /// address; an older one never.
-    fn accept_step(&self, id: &str, step: u64, peer: IpAddr) -> bool {
-        let mut table = self.last_step.lock().unwrap_or_else(|p| p.into_inner());
+    /// address; an older one never. A refusal gives the last accepted step.
+    fn accept_step(&self, id: &str, step: u64, peer: IpAddr) -> std::result::Result<(), u64> {
+        let mut table = crate::server::lock(&self.last_step);
         match table.get(id) {
-            Some(&(last, _)) if step < last => false,
-            Some(&(last, addr)) if step == last => addr == peer,
+            Some(&(last, _)) if step < last => Err(last),
+            Some(&(last, addr)) if step == last => {
+                if addr == peer {
+                    Ok(())
+                } else {
+                    Err(last)
+                }
+            }
             _ => {
                 table.insert(id.to_string(), (step, peer));
-                true
+                Ok(())
             }
         }
     }
 
-    /// `Throttled` when any key's budget is spent.
+    /// `Throttled` when any key's budget is spent, or when a key is not
+    /// tracked and the table is full (fail closed).
     fn check(&self, keys: &[Key]) -> Result<()> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets = crate::server::lock(&self.buckets);
         let now = Instant::now();
+        let full = buckets.map.len() >= MAX_TRACKED;
         for key in keys {
-            if let Some(b) = buckets.get_mut(key) {
+            if let Some(b) = buckets.map.get_mut(key) {
                 self.refill_bucket(b, now);
                 if b.left < 1.0 {
-                    let wait = self.refill.mul_f64(1.0 - b.left);
-                    return Err(Error::Throttled(wait.max(Duration::from_secs(1))));
+                    return Err(Error::Throttled(self.refill.mul_f64(1.0 - b.left)));
+                }
+            } else if full {
+                self.prune(&mut buckets, now, MAX_TRACKED);
+                if buckets.map.len() >= MAX_TRACKED {
+                    log::warn!(
+                        "failed-authentication table full ({MAX_TRACKED} keys): refusing untracked sources"
+                    );
+                    return Err(Error::Throttled(self.refill));
                 }
             }
         }
@@ -185,26 +265,52 @@ impl Guard {
 
     /// Spends one failure from each key's budget.
     fn fail(&self, keys: &[Key]) {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets = crate::server::lock(&self.buckets);
         let now = Instant::now();
-        if buckets.len() >= MAX_TRACKED {
-            let budget = self.budget;
-            let refill = self.refill;
-            buckets.retain(|_, b| {
-                let gained = now.duration_since(b.at).as_secs_f64() / refill.as_secs_f64();
-                b.left + gained < budget
-            });
-        }
+        self.prune(&mut buckets, now, PRUNE_PER_FAILURE);
         for key in keys {
-            if !buckets.contains_key(key) && buckets.len() >= MAX_TRACKED {
-                continue;
+            if !buckets.map.contains_key(key) {
+                if buckets.map.len() >= MAX_TRACKED {
+                    continue; // check() refuses this key from now on.
+                }
+                buckets.map.insert(
+                    key.clone(),
+                    Bucket {
+                        left: self.budget,
+                        at: now,
+                    },
+                );
+                buckets.due.push_back((key.clone(), now));
             }
-            let b = buckets.entry(key.clone()).or_insert(Bucket {
-                left: self.budget,
-                at: now,
-            });
+            if let Some(b) = buckets.map.get_mut(key) {
+                self.refill_bucket(b, now);
+                b.left -= 1.0;
+            }
+        }
+    }
+
+    /// Looks at up to `n` keys at the front of the queue: a bucket that has
+    /// refilled is forgotten, one that has not goes to the back with the time
+    /// it will have.
+    fn prune(&self, buckets: &mut Buckets, now: Instant, n: usize) {
+        for _ in 0..n {
+            match buckets.due.front() {
+                Some((_, due)) if *due <= now => {}
+                _ => return,
+            }
+            let Some((key, _)) = buckets.due.pop_front() else {
+                return;
+            };
+            let Some(b) = buckets.map.get_mut(&key) else {
+                continue;
+            };
             self.refill_bucket(b, now);
-            b.left -= 1.0;
+            if b.left >= self.budget {
+                buckets.map.remove(&key);
+            } else {
+                let due = now + self.refill.mul_f64(self.budget - b.left);
+                buckets.due.push_back((key, due));
+            }
         }
     }
 
@@ -259,15 +365,22 @@ mod tests {
         let g = Guard::new(10, Duration::from_secs(6));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(g.accept_step("id", 100, a));
+        assert!(g.accept_step("id", 100, a).is_ok());
         assert!(
-            g.accept_step("id", 100, a),
+            g.accept_step("id", 100, a).is_ok(),
             "same step, same address: burst allowed"
         );
-        assert!(!g.accept_step("id", 100, b), "same step, other address");
-        assert!(!g.accept_step("id", 99, a), "older step");
-        assert!(g.accept_step("id", 101, b), "newer step from anywhere");
-        assert!(!g.accept_step("id", 101, a));
+        assert_eq!(
+            g.accept_step("id", 100, b),
+            Err(100),
+            "same step, other address"
+        );
+        assert_eq!(g.accept_step("id", 99, a), Err(100), "older step");
+        assert!(
+            g.accept_step("id", 101, b).is_ok(),
+            "newer step from anywhere"
+        );
+        assert_eq!(g.accept_step("id", 101, a), Err(101));
     }
 
     #[test]
@@ -279,12 +392,71 @@ mod tests {
             g.fail(&keys);
         }
         match g.check(&keys) {
-            Err(Error::Throttled(d)) => assert!(d >= Duration::from_secs(1)),
+            Err(e @ Error::Throttled(_)) => assert_eq!(e.retry_after(), Some(1)),
             _ => panic!("expected Throttled"),
         }
         std::thread::sleep(Duration::from_millis(250));
         assert!(g.check(&keys).is_ok(), "one failure refilled");
         g.fail(&keys);
         assert!(g.check(&keys).is_err());
+    }
+
+    #[test]
+    fn a_trusted_source_is_not_held_back_by_strangers() {
+        let g = Guard::new(3, Duration::from_secs(60));
+        let owner: IpAddr = "10.0.0.1".parse().unwrap();
+        let id = "id".to_string();
+        g.trust(owner, &id);
+        assert!(g.trusts(owner, &id));
+        // Strangers from many addresses spend the ID's budget…
+        for i in 0..3u8 {
+            let stranger = IpAddr::from([10, 1, 0, i]);
+            g.fail(&[Key::Addr(stranger), Key::Id(id.clone())]);
+        }
+        let another = IpAddr::from([10, 1, 0, 9]);
+        assert!(g.check(&[Key::Addr(another), Key::Id(id.clone())]).is_err());
+        // …but the owner's own budget is untouched.
+        assert!(g.check(&[Key::Trusted(owner, id.clone())]).is_ok());
+        for _ in 0..3 {
+            g.fail(&[Key::Trusted(owner, id.clone())]);
+        }
+        assert!(
+            g.check(&[Key::Trusted(owner, id)]).is_err(),
+            "its own budget"
+        );
+    }
+
+    #[test]
+    fn a_full_table_fails_closed_and_refilled_keys_are_pruned() {
+        let fill = |g: &Guard| {
+            for i in 0..MAX_TRACKED as u32 {
+                g.fail(&[Key::Addr(IpAddr::from(i.to_be_bytes()))]);
+            }
+        };
+        let newcomer = [Key::Addr("192.0.2.1".parse().unwrap())];
+        // Nothing refills within the test: a new key is refused, not let through,
+        // and a tracked key is still throttled by its own bucket.
+        let slow = Guard::new(2, Duration::from_secs(3600));
+        fill(&slow);
+        assert!(matches!(slow.check(&newcomer), Err(Error::Throttled(_))));
+        let tracked = [Key::Addr(IpAddr::from(7u32.to_be_bytes()))];
+        assert!(slow.check(&tracked).is_ok(), "one failure of two spent");
+        slow.fail(&tracked);
+        assert!(slow.check(&tracked).is_err());
+        // Buckets that refilled are forgotten, and the newcomer is tracked again.
+        let quick = Guard::new(1, Duration::from_millis(1));
+        fill(&quick);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while quick.check(&newcomer).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(quick.check(&newcomer).is_ok());
+        assert!(crate::server::lock(&quick.buckets).map.len() < MAX_TRACKED);
+        quick.fail(&newcomer);
+        assert!(
+            crate::server::lock(&quick.buckets)
+                .map
+                .contains_key(&newcomer[0])
+        );
     }
 }

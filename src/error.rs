@@ -127,6 +127,9 @@ pub enum Error {
     },
     /// Too many failed attempts; retry after this long.
     Throttled(Duration),
+    /// A right token of a step already used from another address (replay rule):
+    /// retry after this long, at the next step.
+    Replay(Duration),
     /// The `Host` is neither the registrar nor under `servers_domain`.
     MisdirectedHost(String),
     /// The label is valid but has no waiting responder.
@@ -156,6 +159,11 @@ pub enum Error {
 }
 
 /// The library's result type.
+/// Whole seconds, rounded up, at least 1 (a `Retry-After`).
+pub fn seconds_up(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 /// Retry-After of a registration refused at a full pool, in seconds.
 pub const POOL_FULL_RETRY: u64 = 15;
 
@@ -178,7 +186,7 @@ impl Error {
             Error::BadFixedPort { .. } => 400,
             Error::HeadTooLarge(_) => 431,
             Error::MisdirectedHost(_) => 421,
-            Error::Throttled(_) => 429,
+            Error::Throttled(_) | Error::Replay(_) => 429,
             Error::Redirect(_) => 307,
             Error::StoreUnavailable(_)
             | Error::NoFreePort
@@ -194,7 +202,8 @@ impl Error {
     /// Seconds for a `Retry-After` header, for the statuses that carry one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Error::Throttled(d) => Some(d.as_secs().max(1)),
+            // Rounded up: a client that waits exactly this long is let in.
+            Error::Throttled(d) | Error::Replay(d) => Some(seconds_up(*d)),
             Error::StoreUnavailable(_) | Error::Limit(_) => Some(5),
             // The original steward waits 15 s after any 503; a full pool frees
             // a place only when a responder is paired or dies.
@@ -279,8 +288,13 @@ impl fmt::Display for Error {
             Error::AuthFailed => write!(f, "unknown ID or wrong token"),
             Error::Forbidden { id, label } => write!(f, "{id} does not own label {label}"),
             Error::Throttled(d) => {
-                write!(f, "too many failed attempts; retry in {} s", d.as_secs())
+                write!(f, "too many failed attempts; retry in {} s", seconds_up(*d))
             }
+            Error::Replay(d) => write!(
+                f,
+                "this step's token was already used from another address; retry in {} s",
+                seconds_up(*d)
+            ),
             Error::MisdirectedHost(host) => write!(f, "host {host:?} is not served here"),
             Error::NoResponder(label) => write!(f, "no responder waiting for {label}"),
             Error::NoFreePort => write!(f, "no free port in port_range"),

@@ -90,6 +90,7 @@ fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Res
             Error::AuthMissing | Error::AuthFailed => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
             Error::Throttled(_) => "throttled",
+            Error::Replay(_) => "replay",
             Error::StoreUnavailable(_) => "store_unavailable",
             _ => "bad_request",
         });

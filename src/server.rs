@@ -98,6 +98,12 @@ impl Shared {
     }
 }
 
+/// Locks `m`; a lock poisoned by a panicking thread is taken as it is (every
+/// table here stays consistent between statements).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Spawns a named thread with an explicit stack.
 pub fn spawn(name: &str, stack: usize, f: impl FnOnce() + Send + 'static) -> Result<()> {
     thread::Builder::new()

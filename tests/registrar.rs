@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
-use support::{Reply, TestRelay, send};
+use support::{Reply, TestRelay, metric, send};
 use taas::provision::Provision;
 
 const REGISTRAR: &str = "registrar.localhost";
@@ -235,9 +235,53 @@ fn replay_rule_burst_from_same_address_but_never_an_older_step() {
         200,
         "same token, same address: a burst"
     );
-    assert_challenge(&put(&relay, "demo", Some(&older)));
-    // The same token from another address is a replay.
-    assert_challenge(&put_from(&relay, OTHER_IP, &current));
+    // An older step, and the same token from another address, are replays:
+    // 429 until the next step, and no failure budget spent (two agents of one
+    // account must not lock each other out).
+    let step_end = (now / 30 + 1) * 30;
+    for r in [
+        put(&relay, "demo", Some(&older)),
+        put_from(&relay, OTHER_IP, &current),
+        put_from(&relay, OTHER_IP, &current),
+    ] {
+        assert_eq!(r.status, 429, "{r:?}");
+        let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        let left = step_end.saturating_sub(taas::unix_time()).max(1);
+        assert!(
+            wait >= 1 && wait <= left + 1,
+            "Retry-After {wait}, step ends in {left}"
+        );
+    }
+    assert_eq!(metric(&relay, "taas_auth_failures_total"), 0);
+}
+
+/// Knowing an account's ID does not lock its owner out: a source that
+/// authenticated as the ID is held back only by its own budget, while a
+/// stranger's failures still spend the ID's budget for every other address.
+#[test]
+fn a_stranger_burning_the_id_budget_does_not_lock_the_owner_out() {
+    let relay = TestRelay::start("auth_fail_budget = 2\nauth_fail_refill = 600\nplug_timeout = 1");
+    let p = relay.add_account("demo");
+    assert_eq!(put_as(&relay, "demo", &p).status, 200, "the owner's agent");
+    let wrong = wrong_auth(&p);
+    for _ in 0..2 {
+        assert_eq!(put_from(&relay, OTHER_IP, &wrong).status, 401);
+    }
+    assert_eq!(
+        put_from(&relay, OTHER_IP, &wrong).status,
+        429,
+        "stranger throttled"
+    );
+    let third: IpAddr = "127.0.0.3".parse().unwrap();
+    let r = put_from(&relay, third, &TestRelay::auth(&p));
+    assert_eq!(
+        r.status, 429,
+        "an untrusted address meets the ID's budget: {r:?}"
+    );
+    for _ in 0..3 {
+        let r = put_as(&relay, "demo", &p);
+        assert_eq!(r.status, 200, "the owner is not locked out: {r:?}");
+    }
 }
 
 #[test]
