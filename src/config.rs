@@ -84,8 +84,12 @@ pub struct Config {
     pub max_pairs_per_ip: usize,
     /// On SIGTERM, how long live pairs may go on (default 10 s).
     pub shutdown_grace: Duration,
-    /// A pair where no octet moved either way this long is closed (default 60 s).
+    /// A connection at a rendezvous port silent this long is closed without
+    /// having taken a responder (default 10 s).
     pub first_octet_timeout: Duration,
+    /// A pair with no octet either way this long is closed (default 3600 s;
+    /// `None` when the key is 0).
+    pub idle_timeout: Option<Duration>,
     /// When set, every registration is answered 307 to this registrar URL.
     pub registrar_redirect: Option<String>,
     /// The status listener (`/metrics`, `/status`, `/ready`); off when unset.
@@ -137,6 +141,7 @@ struct RawConfig {
     max_pairs_per_ip: Option<usize>,
     shutdown_grace: Option<f64>,
     first_octet_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
     registrar_redirect: Option<String>,
     status_listen: Option<String>,
     splice: Option<bool>,
@@ -305,7 +310,11 @@ impl Config {
             max_pairs: positive("max_pairs", raw.max_pairs, 4096)?,
             max_pairs_per_ip: positive("max_pairs_per_ip", raw.max_pairs_per_ip, 64)?,
             shutdown_grace: seconds("shutdown_grace", raw.shutdown_grace, 10.0)?,
-            first_octet_timeout: seconds("first_octet_timeout", raw.first_octet_timeout, 60.0)?,
+            first_octet_timeout: seconds("first_octet_timeout", raw.first_octet_timeout, 10.0)?,
+            idle_timeout: match raw.idle_timeout {
+                Some(0.0) => None,
+                v => Some(seconds("idle_timeout", v, 3600.0)?),
+            },
             registrar_redirect,
             status_listen,
             copier: if raw.splice.unwrap_or(true) {
@@ -437,6 +446,10 @@ mod tests {
         assert_eq!(c.max_waiting, 21);
         assert_eq!(c.redirect_host, RedirectHost::Name);
         assert_eq!(c.reserved_label, None);
+        assert_eq!(c.first_octet_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        let off = Config::from_toml("idle_timeout = 0", "t").unwrap();
+        assert_eq!(off.idle_timeout, None);
         assert_eq!(c.plug_timeout, Duration::from_secs(30));
         assert!(c.cert_is_default && c.tls && c.plug_same_ip);
         assert_eq!(c.cert, Path::new("taas-data/registrar.crt"));

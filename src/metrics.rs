@@ -22,6 +22,8 @@ pub struct Metrics {
     pairs_opened: AtomicU64,
     /// Pairs closed.
     pairs_closed: AtomicU64,
+    /// Pairs closed by `idle_timeout`.
+    pairs_idle_closed: AtomicU64,
     /// Octets mobile → hidden.
     bytes_up: AtomicU64,
     /// Octets hidden → mobile.
@@ -53,6 +55,10 @@ impl Metrics {
     /// A newcomer was refused by `limit`.
     pub fn refused(&self, limit: &'static str) {
         bump(&self.refusals, limit);
+    }
+    /// A pair was closed by `idle_timeout` (also counted by `pair_closed`).
+    pub fn pair_idle_closed(&self) {
+        self.pairs_idle_closed.fetch_add(1, Relaxed);
     }
     /// A pair began relaying.
     pub fn pair_opened(&self) {
@@ -173,6 +179,12 @@ impl Metrics {
             "counter",
             "Newcomers refused, by limit.",
             by("limit", snap(&self.refusals)),
+        );
+        family(
+            "taas_pairs_idle_closed_total",
+            "counter",
+            "Pairs closed after idle_timeout with no octet either way.",
+            one(self.pairs_idle_closed.load(Relaxed)),
         );
         family(
             "taas_auth_failures_total",

@@ -55,15 +55,35 @@ impl Responder {
 /// Is the peer of `stream` still there? A non-blocking peek: EOF or an error
 /// means no; no data (`WouldBlock`) or data means yes. Nothing is consumed.
 pub fn is_alive(stream: &TcpStream) -> bool {
+    peer_state(stream) != PeerState::Gone
+}
+
+/// What a non-blocking peek says of a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// EOF, an error, or a socket that cannot be asked.
+    Gone,
+    /// There, silent.
+    Quiet,
+    /// There, with octets waiting to be read.
+    Speaking,
+}
+
+/// Peeks at `stream` without consuming or blocking.
+pub fn peer_state(stream: &TcpStream) -> PeerState {
     if stream.set_nonblocking(true).is_err() {
-        return false;
+        return PeerState::Gone;
     }
-    let alive = match stream.peek(&mut [0u8; 1]) {
-        Ok(0) => false,
-        Ok(_) => true,
-        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    let state = match stream.peek(&mut [0u8; 1]) {
+        Ok(0) => PeerState::Gone,
+        Ok(_) => PeerState::Speaking,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeerState::Quiet,
+        Err(_) => PeerState::Gone,
     };
-    alive && stream.set_nonblocking(false).is_ok()
+    if stream.set_nonblocking(false).is_err() {
+        return PeerState::Gone;
+    }
+    state
 }
 
 /// Turns on TCP keepalive with the short intervals above, so a peer that vanished
@@ -238,6 +258,34 @@ impl Label {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
             }
         }
+    }
+
+    /// The oldest live responder that holds early octets (a hidden side that
+    /// speaks first, e.g. `--eager`: its banner waits at the relay), if any.
+    /// Dead ones met on the way are dropped; the others keep their order.
+    pub fn take_speaking(&self) -> Option<Responder> {
+        let _guard = crate::server::lock(&self.push_lock);
+        let mut found = None;
+        let rest: Vec<Responder> = self
+            .rx
+            .try_iter()
+            .filter_map(|r| match peer_state(&r.stream) {
+                PeerState::Gone => None,
+                PeerState::Speaking if found.is_none() => {
+                    found = Some(r);
+                    None
+                }
+                _ => Some(r),
+            })
+            .collect();
+        for r in rest {
+            // Room is certain: these were just taken out and pushes are locked out.
+            let _ = self.tx.try_send(r);
+        }
+        if found.is_some() {
+            self.touch();
+        }
+        found
     }
 
     /// Drops dead responders, keeping the order of the live; returns how many wait.

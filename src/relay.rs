@@ -24,6 +24,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Bytes of a direction's user-space buffer, where splice is not used.
 pub const COPY_BUF: usize = 8 * 1024;
@@ -77,17 +78,17 @@ pub fn run(
     hidden: Arc<TcpStream>,
     copier: Copier,
 ) -> (Moved, Option<io::Error>) {
-    run_unless_silent(mobile, hidden, copier, None)
+    run_until_idle(mobile, hidden, copier, None)
 }
 
-/// `run`, but a pair where no octet has moved either way within `first_octet`
-/// is closed (a `TimedOut` error): a silent connection must not hold a
-/// responder for ever.
-pub fn run_unless_silent(
+/// `run`, but a pair where no octet has moved either way for `idle` is closed
+/// (a `TimedOut` error), half-closed or not: a quiet pair must not hold its
+/// slot, its sockets and the hidden side's thread for ever.
+pub fn run_until_idle(
     mobile: Arc<TcpStream>,
     hidden: Arc<TcpStream>,
     copier: Copier,
-    first_octet: Option<std::time::Duration>,
+    idle: Option<Duration>,
 ) -> (Moved, Option<io::Error>) {
     let (mobile, hidden) = (&*mobile, &*hidden);
     let mut up = Way::new(copier);
@@ -96,17 +97,21 @@ pub fn run_unless_silent(
         .set_nonblocking(true)
         .and_then(|()| hidden.set_nonblocking(true))
         .err();
-    let mut silent_until = first_octet.map(|d| std::time::Instant::now() + d);
+    let mut idle_until = idle.map(|d| Instant::now() + d);
+    let mut moved_so_far = 0u64;
     while error.is_none() && !(up.done && down.done) {
         error = up
             .advance(mobile, hidden)
             .and_then(|()| down.advance(hidden, mobile))
             .err();
-        if up.count + down.count + (up.pending + down.pending) as u64 > 0 {
-            silent_until = None;
+        // Octets read count as moving as soon as they are held.
+        let now_moved = up.count + down.count + (up.pending + down.pending) as u64;
+        if now_moved != moved_so_far {
+            moved_so_far = now_moved;
+            idle_until = idle.map(|d| Instant::now() + d);
         }
         if error.is_none() {
-            error = wait(mobile, hidden, &mut up, &mut down, silent_until).err();
+            error = wait(mobile, hidden, &mut up, &mut down, idle_until).err();
         }
     }
     if error.is_some() {
@@ -121,13 +126,13 @@ pub fn run_unless_silent(
 
 /// Waits until a direction can move, or for `PIPE_IDLE` when a direction holds
 /// an empty pipe or buffer, which is then given back; `TimedOut` once
-/// `silent_until` passes.
+/// `idle_until` passes.
 fn wait(
     mobile: &TcpStream,
     hidden: &TcpStream,
     up: &mut Way,
     down: &mut Way,
-    silent_until: Option<std::time::Instant>,
+    idle_until: Option<Instant>,
 ) -> io::Result<()> {
     use nix::poll::{PollFd, PollTimeout, poll};
     use std::os::fd::{AsFd, AsRawFd};
@@ -152,13 +157,13 @@ fn wait(
     up.ready = false;
     down.ready = false;
     let idle = (up.holds_idle() || down.holds_idle()).then_some(PIPE_IDLE);
-    let silent = match silent_until {
+    let silent = match idle_until {
         Some(t) => {
-            let left = t.saturating_duration_since(std::time::Instant::now());
+            let left = t.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "no octet either way since the pairing",
+                    "idle_timeout: no octet either way",
                 ));
             }
             Some(left)
@@ -762,52 +767,71 @@ mod tests {
         }
     }
 
-    /// A pair relayed by `run_unless_silent` in a thread: (mobile, hidden, thread).
-    fn silent_pair(
+    /// How a test pair ended, and when.
+    type Ended = (Moved, Option<io::Error>, Instant);
+
+    /// A pair relayed by `run_until_idle` in a thread: (mobile, hidden, thread).
+    fn idle_pair(
         copier: Copier,
-        quiet: std::time::Duration,
-    ) -> (
-        TcpStream,
-        TcpStream,
-        thread::JoinHandle<(Moved, Option<io::Error>)>,
-    ) {
+        idle: Duration,
+    ) -> (TcpStream, TcpStream, thread::JoinHandle<Ended>) {
         let (mobile, mobile_relay) = connected();
         let (hidden_relay, hidden) = connected();
         let t = thread::spawn(move || {
-            run_unless_silent(
+            let (moved, err) = run_until_idle(
                 Arc::new(mobile_relay),
                 Arc::new(hidden_relay),
                 copier,
-                Some(quiet),
-            )
+                Some(idle),
+            );
+            (moved, err, Instant::now())
         });
         (mobile, hidden, t)
     }
 
-    /// A pair silent both ways is closed after `first_octet`; one where an
-    /// octet moved is not, however quiet it is later.
+    /// A pair silent both ways is closed after `idle`, from its start or from
+    /// its last octet, half-closed or not; octets keep it open.
     #[test]
-    fn silent_pairs_are_closed_and_others_are_not() {
-        let quiet = std::time::Duration::from_millis(300);
+    fn idle_pairs_are_closed_when_the_timeout_passes() {
+        let idle = Duration::from_millis(300);
+        // Generous: a loaded CI machine may schedule the relay thread late.
+        let margin = Duration::from_secs(2);
         for copier in [Copier::Splice, Copier::Copy] {
-            let (mut mobile, mut hidden, t) = silent_pair(copier, quiet);
-            let (moved, err) = t.join().unwrap();
+            let start = Instant::now();
+            let (mut mobile, mut hidden, t) = idle_pair(copier, idle);
+            let (moved, err, closed) = t.join().unwrap();
             assert_eq!(moved, Moved::default());
             assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+            let took = closed - start;
+            assert!(took >= idle && took < idle + margin, "{copier:?}: {took:?}");
             let mut rest = Vec::new();
             assert_eq!(hidden.read_to_end(&mut rest).unwrap_or(0), 0);
             assert_eq!(mobile.read_to_end(&mut rest).unwrap_or(0), 0);
 
-            let (mut mobile, mut hidden, t) = silent_pair(copier, quiet);
+            // One octet, then the mobile half-closes and both go quiet.
+            let (mut mobile, mut hidden, t) = idle_pair(copier, idle);
             mobile.write_all(b"x").unwrap();
-            thread::sleep(quiet * 2);
-            mobile.write_all(b"yz").unwrap();
+            let mut one = [0u8; 1];
+            hidden.read_exact(&mut one).unwrap();
+            mobile.shutdown(Shutdown::Write).unwrap();
+            let last = Instant::now();
+            let (moved, err, closed) = t.join().unwrap();
+            assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+            assert_eq!(moved.up, 1);
+            let took = closed - last;
+            assert!(took < idle + margin, "{copier:?}: {took:?}");
+            assert!(closed - start >= idle);
+
+            // Octets within every `idle` keep the pair open past it.
+            let (mut mobile, mut hidden, t) = idle_pair(copier, idle);
+            for chunk in [b"a", b"b", b"c"] {
+                mobile.write_all(chunk).unwrap();
+                hidden.read_exact(&mut one).unwrap();
+                thread::sleep(idle / 2);
+            }
             mobile.shutdown(Shutdown::Write).unwrap();
             hidden.shutdown(Shutdown::Write).unwrap();
-            let mut got = Vec::new();
-            hidden.read_to_end(&mut got).unwrap();
-            assert_eq!(got, b"xyz", "{copier:?}");
-            let (moved, err) = t.join().unwrap();
+            let (moved, err, _) = t.join().unwrap();
             assert!(err.is_none(), "{copier:?}: {err:?}");
             assert_eq!(moved.up, 3);
         }

@@ -165,16 +165,43 @@ fn accept_loop(shared: &Arc<Shared>, label: &Arc<Label>, rv: &Rendezvous, listen
     shared.metrics.rendezvous_open(-1);
 }
 
-/// Pairs one mobile connection and relays it to the end.
+/// Pairs one mobile connection once it has something to relay, and relays it
+/// to the end: at once with the oldest responder that already spoke (its
+/// octets wait at the relay), else with the oldest responder when the mobile's
+/// first octet arrives. A connection silent for `first_octet_timeout` is
+/// closed without having taken a responder.
 fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, permit: PairPermit) {
-    let Some(responder) = label.take(shared.config.pair_wait) else {
-        log::warn!(
-            "{}: no responder for {peer} within pair_wait ({} s); closed",
-            label.name,
-            shared.config.pair_wait.as_secs_f64()
-        );
-        shared.metrics.refused("pair_wait");
-        return;
+    let responder = match label.take_speaking() {
+        Some(r) => r,
+        None => {
+            let limit = shared.config.first_octet_timeout;
+            match first_octet(&mobile, limit) {
+                FirstOctet::Arrived => {}
+                FirstOctet::Gone => {
+                    log::info!("{}: {peer} left without sending anything", label.name);
+                    return;
+                }
+                FirstOctet::TimedOut => {
+                    log::info!(
+                        "{}: {peer} sent nothing within first_octet_timeout ({} s); closed",
+                        label.name,
+                        limit.as_secs_f64()
+                    );
+                    shared.metrics.refused("first_octet_timeout");
+                    return;
+                }
+            }
+            let Some(r) = label.take(shared.config.pair_wait) else {
+                log::warn!(
+                    "{}: no responder for {peer} within pair_wait ({} s); closed",
+                    label.name,
+                    shared.config.pair_wait.as_secs_f64()
+                );
+                shared.metrics.refused("pair_wait");
+                return;
+            };
+            r
+        }
     };
     if !pool::is_alive(&mobile) {
         // The mobile client left while waiting: the responder is not spent.
@@ -204,13 +231,19 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();
-    let (moved, err) = relay::run_unless_silent(
+    let (moved, err) = relay::run_until_idle(
         mobile,
         hidden,
         shared.config.copier,
-        Some(shared.config.first_octet_timeout),
+        shared.config.idle_timeout,
     );
     shared.metrics.pair_closed(moved.up, moved.down);
+    if err
+        .as_ref()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    {
+        shared.metrics.pair_idle_closed();
+    }
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
     log::info!(
         "closed {}: mobile {peer} <-> hidden {}: {} up, {} down in {:.1} s{how}",
@@ -220,4 +253,38 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
         moved.down,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// How the wait for a mobile's first octet ended.
+enum FirstOctet {
+    /// An octet is there (not consumed).
+    Arrived,
+    /// The mobile closed or reset.
+    Gone,
+    /// Nothing within the limit.
+    TimedOut,
+}
+
+/// Waits up to `limit` for `mobile`'s first octet, without consuming it.
+fn first_octet(mobile: &TcpStream, limit: Duration) -> FirstOctet {
+    if mobile.set_read_timeout(Some(limit)).is_err() {
+        return FirstOctet::Gone;
+    }
+    let got = match mobile.peek(&mut [0u8; 1]) {
+        Ok(0) => FirstOctet::Gone,
+        Ok(_) => FirstOctet::Arrived,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            FirstOctet::TimedOut
+        }
+        Err(_) => FirstOctet::Gone,
+    };
+    match mobile.set_read_timeout(None) {
+        Ok(()) => got,
+        Err(_) => FirstOctet::Gone,
+    }
 }

@@ -419,3 +419,83 @@ fn total_connection_cap() {
     drop(held);
     assert!(answers_503_soon(&relay, Some(other)));
 }
+
+/// Silent connections to a rendezvous port cost a socket each, never a
+/// responder: with `max_waiting × 4` of them from one address sitting at the
+/// label's port, every legitimate mobile request is still served, and the
+/// relay's descriptors and threads return to their baseline once they leave.
+#[test]
+fn silent_connections_at_a_rendezvous_port_do_not_shut_the_label_out() {
+    use std::io::Read;
+    let _only_me = exclusive();
+    let relay = TestRelay::start("max_waiting = 3\nfirst_octet_timeout = 60");
+    let p = relay.add_account("demo");
+    let mut hidden: Vec<TcpStream> = (0..3).map(|_| relay.responder(&p, "demo")).collect();
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let (fds, threads) = steady_counts();
+    let attacker: IpAddr = "127.0.0.9".parse().unwrap();
+    let silent: Vec<TcpStream> = (0..12)
+        .map(|_| support::connect_from(attacker, q).unwrap())
+        .collect();
+    let shared = relay.server.shared().clone();
+    assert!(
+        wait_until(LIMIT, || shared.pairs.count() == 12),
+        "the relay holds the silent connections"
+    );
+    assert_eq!(relay.waiting("demo"), 3, "no responder taken by silence");
+    // Every legitimate request is served, oldest responder first.
+    for (i, h) in hidden.iter_mut().enumerate() {
+        let mut mobile = TcpStream::connect(q).unwrap();
+        mobile.set_read_timeout(Some(LIMIT)).unwrap();
+        h.set_read_timeout(Some(LIMIT)).unwrap();
+        let msg = format!("request {i}");
+        mobile.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        h.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes(), "request {i} reached the hidden server");
+        h.write_all(b"ok").unwrap();
+        let mut ok = [0u8; 2];
+        mobile.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"ok");
+    }
+    assert_eq!(relay.waiting("demo"), 0);
+    drop(silent);
+    drop(hidden);
+    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert_counts_settle(fds, threads);
+}
+
+/// A pair silent after one octet, half-closed by the mobile, is closed after
+/// `idle_timeout` (both sockets), and counted.
+#[test]
+fn a_half_closed_pair_silent_after_one_octet_is_closed_after_idle_timeout() {
+    use std::io::Read;
+    let _g = shared();
+    let relay = TestRelay::start("idle_timeout = 1");
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    let q = relay.rendezvous("demo", "/").unwrap();
+    let mut mobile = TcpStream::connect(q).unwrap();
+    mobile.set_read_timeout(Some(LIMIT)).unwrap();
+    mobile.write_all(b"x").unwrap();
+    mobile.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    hidden.read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got, b"x",
+        "the octet and the half-close reach the hidden side"
+    );
+    let quiet_from = std::time::Instant::now();
+    // The hidden side keeps its direction open and says nothing.
+    let closed = support::read_until_closed(&mut mobile).expect("the relay closes the pair");
+    assert!(closed.is_empty());
+    let took = quiet_from.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+    assert!(wait_until(LIMIT, || support::metric(
+        &relay,
+        "taas_pairs_idle_closed_total"
+    ) == 1));
+}

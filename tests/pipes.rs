@@ -30,13 +30,16 @@ fn an_idle_pair_holds_no_pipe_until_octets_flow() {
     mobile
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    // Paired (the relay has the pair once the mobile's connection is taken) but idle.
-    assert!(wait_until(Duration::from_secs(10), || support::metric(
-        &relay,
-        "taas_pairs_active"
-    ) == 1));
+    // Accepted (it holds a pair slot) but silent: no responder, no pipe yet.
+    assert!(wait_until(Duration::from_secs(10), || relay
+        .server
+        .shared()
+        .pairs
+        .count()
+        == 1));
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(pipes(), base, "an idle pair holds no pipe");
+    assert_eq!(pipes(), base, "a silent connection holds no pipe");
+    assert_eq!(relay.waiting("demo"), 1, "nor a responder");
 
     mobile.write_all(b"up").unwrap();
     let mut buf = [0u8; 2];

@@ -8,12 +8,14 @@ mod support;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{TestRelay, expect, send, wait_until};
 use taas::provision::Provision;
 
 const LIMIT: Duration = Duration::from_secs(10);
+/// How late a timeout may close a connection on a loaded machine.
+const MARGIN: Duration = Duration::from_secs(2);
 
 /// Another loopback address, to play a second host.
 const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -511,16 +513,41 @@ fn hidden_half_close_reaches_mobile_which_keeps_sending() {
 }
 
 /// A mobile that connects and says nothing is closed after
-/// `first_octet_timeout`, and so is its responder: it holds neither for ever.
+/// `first_octet_timeout` without having taken a responder: the responder stays
+/// for the next mobile, which is paired.
 #[test]
-fn silent_pairs_are_closed_after_first_octet_timeout() {
+fn a_silent_mobile_is_closed_after_first_octet_timeout_without_a_responder() {
     let (relay, _p, mut hidden, q) = relay_with_responder("first_octet_timeout = 0.5", "/");
+    let start = Instant::now();
     let mut mobile = connect(q);
+    assert_closed(&mut mobile);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(500) + MARGIN,
+        "closed after {took:?}"
+    );
+    assert_eq!(relay.waiting("demo"), 1, "the responder was not taken");
+    assert_eq!(refusals(&relay, "first_octet_timeout"), 1);
+    let _m = paired_mobile(q, &mut hidden, b"served");
+}
+
+/// A pair where nothing moves for `idle_timeout` after one octet is closed,
+/// both sides, at that time; counted in /metrics.
+#[test]
+fn a_pair_silent_after_one_octet_is_closed_after_idle_timeout() {
+    let (relay, _p, mut hidden, q) = relay_with_responder("idle_timeout = 0.5", "/");
+    let mut mobile = paired_mobile(q, &mut hidden, b"x");
+    let last = Instant::now();
     assert_closed(&mut hidden);
     assert_closed(&mut mobile);
+    let took = last.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(500) + MARGIN,
+        "closed after {took:?}"
+    );
     assert!(wait_until(LIMIT, || support::metric(
         &relay,
-        "taas_pairs_closed_total"
+        "taas_pairs_idle_closed_total"
     ) == 1));
 }
 
