@@ -9,6 +9,8 @@
 //! Shortcut admitted: when `/usr/bin/chromium` is absent the test says so and
 //! returns (`.ci/run` installs `chromium` and `chromium-driver`).
 
+mod support;
+
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -349,8 +351,7 @@ impl Drop for EvilSite {
 
 #[test]
 fn the_page_in_a_real_browser() {
-    if !Path::new(CHROMIUM).exists() {
-        eprintln!("skipped: {CHROMIUM} is absent (apt-get install chromium chromium-driver)");
+    if !support::need_tool(CHROMIUM, "chromium chromium-driver") {
         return;
     }
     assert!(

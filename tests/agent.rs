@@ -364,13 +364,18 @@ fn eager_agent_beyond_max_waiting_backs_off_and_leaks_nothing() {
     let svc = Banner::start();
     let agent = s.expose_with(&s.provision, svc.port, &["--eager"]);
     banner_exchange(&s, b"first\r\n");
-    std::thread::sleep(Duration::from_secs(5));
     // Before the fix: thousands of registrations and local connections, and
-    // ~500 leaked threads per second.
-    let accepted = svc.accepted.load(Ordering::SeqCst);
-    assert!(accepted < 100, "{accepted} local connections in 5 s");
-    let threads = agent_threads(&agent);
-    assert!(threads < 40, "agent has {threads} threads");
+    // ~500 leaked threads per second. Watched for 5 s, failing at the first sign.
+    assert!(
+        support::holds_for(Duration::from_secs(5), || svc
+            .accepted
+            .load(Ordering::SeqCst)
+            < 100
+            && agent_threads(&agent) < 40),
+        "{} local connections, {} agent threads",
+        svc.accepted.load(Ordering::SeqCst),
+        agent_threads(&agent)
+    );
     banner_exchange(&s, b"still served\r\n");
 }
 
@@ -442,7 +447,10 @@ fn relay_restart_agent_death_and_service_outage() {
 
     // The local service goes away: fetches fail, and come back when it does.
     drop(svc);
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        wait_until(Duration::from_secs(10), || !support::is_listening(svc_port)),
+        "the service did not stop"
+    );
     assert!(
         s.fetch("/outage").is_none(),
         "fetch succeeded with the service down"
