@@ -106,6 +106,8 @@ pub enum Error {
     },
     /// The account store (Redis, or the file store's file system) is unreachable.
     StoreUnavailable(String),
+    /// Too many requests are waiting on the account store already.
+    StoreBusy,
     /// A request head is malformed; the text says how.
     BadRequest(String),
     /// A request head is larger than the limit.
@@ -189,6 +191,7 @@ impl Error {
             Error::Throttled(_) | Error::Replay(_) => 429,
             Error::Redirect(_) => 307,
             Error::StoreUnavailable(_)
+            | Error::StoreBusy
             | Error::NoFreePort
             | Error::NoResponder(_)
             | Error::FixedPortUnavailable { .. }
@@ -209,7 +212,7 @@ impl Error {
             // a place only when a responder is paired or dies.
             Error::PoolFull { .. } => Some(POOL_FULL_RETRY),
             Error::FixedPortUnavailable { .. } => Some(30),
-            Error::NoFreePort | Error::NoResponder(_) => Some(1),
+            Error::NoFreePort | Error::NoResponder(_) | Error::StoreBusy => Some(1),
             _ => None,
         }
     }
@@ -280,6 +283,11 @@ impl fmt::Display for Error {
             Error::AccountExists(id) => write!(f, "account {id} exists already"),
             Error::BadAccount { id, reason } => write!(f, "account {id}: {reason}"),
             Error::StoreUnavailable(why) => write!(f, "account store unreachable: {why}"),
+            Error::StoreBusy => write!(
+                f,
+                "account store busy: {} requests wait on it already",
+                crate::store::MAX_STORE_WAITERS
+            ),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
             Error::HeadTooLarge(limit) => write!(f, "request head larger than {limit} bytes"),
             Error::NotFound => write!(f, "no such path"),

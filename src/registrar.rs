@@ -91,13 +91,13 @@ fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Res
             Error::Forbidden { .. } => "forbidden",
             Error::Throttled(_) => "throttled",
             Error::Replay(_) => "replay",
-            Error::StoreUnavailable(_) => "store_unavailable",
+            Error::StoreUnavailable(_) | Error::StoreBusy => "store_unavailable",
             _ => "bad_request",
         });
         if matches!(e, Error::AuthFailed) {
             shared.metrics.auth_failure();
         }
-        if matches!(e, Error::StoreUnavailable(_)) {
+        if matches!(e, Error::StoreUnavailable(_) | Error::StoreBusy) {
             shared.metrics.store_error();
         }
     }

@@ -29,6 +29,14 @@ use crate::totp::{Algorithm, Totp};
 
 /// Redis connect, read and write timeout.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// All the time one store call may take, waiting for the connection included
+/// (well inside `head_timeout`'s default of 10 s): a stalled Redis costs each
+/// registration at most this.
+pub const STORE_DEADLINE: Duration = Duration::from_secs(3);
+/// Store calls that may wait for the Redis connection at once; beyond, an
+/// immediate 503 (so a stalled Redis cannot hold every connection slot of the
+/// well-known port).
+pub const MAX_STORE_WAITERS: usize = 8;
 /// The Redis key that serialises account writes (not an account: not JSON).
 pub const WRITE_LOCK: &str = "taas:write-lock";
 /// A write lock left by a dead writer expires after this long.
@@ -532,6 +540,17 @@ pub struct RedisStore {
     addr: String,
     /// The open connection, if any; dropped on error and re-opened on next use.
     conn: Mutex<Option<redis::Connection>>,
+    /// Store calls waiting for or holding `conn` (at most `MAX_STORE_WAITERS`).
+    waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// A place among the `MAX_STORE_WAITERS`, given back on drop.
+struct Waiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl RedisStore {
@@ -544,17 +563,53 @@ impl RedisStore {
             client,
             addr,
             conn: Mutex::new(None),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Runs `f` on a connection, connecting if needed; after a failure the
-    /// connection is dropped and `f` is tried once more on a new one.
+    /// connection is dropped and `f` is tried once more on a new one. All of it
+    /// within `STORE_DEADLINE`; beyond `MAX_STORE_WAITERS` callers, `StoreBusy`
+    /// at once.
     fn with<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T> {
-        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        use std::sync::atomic::Ordering;
+        let deadline = std::time::Instant::now() + STORE_DEADLINE;
+        if self.waiters.fetch_add(1, Ordering::SeqCst) >= MAX_STORE_WAITERS {
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::StoreBusy);
+        }
+        let _waiter = Waiter(&self.waiters);
+        let mut slot = loop {
+            match self.conn.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::StoreUnavailable(format!(
+                            "redis {}: no answer to earlier requests within {} s",
+                            self.addr,
+                            STORE_DEADLINE.as_secs()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
         let mut last = None;
         for _attempt in 0..2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let left = left.min(REDIS_TIMEOUT);
+            if let Some(conn) = slot.as_mut()
+                && (conn.set_read_timeout(Some(left)).is_err()
+                    || conn.set_write_timeout(Some(left)).is_err())
+            {
+                *slot = None;
+            }
             if slot.is_none() {
-                match self.connect() {
+                match self.connect(left) {
                     Ok(c) => *slot = Some(c),
                     Err(e) => {
                         last = Some(e);
@@ -580,17 +635,20 @@ impl RedisStore {
                 }
             }
         }
-        let why = last.map_or_else(|| "no connection".to_string(), |e| e.to_string());
+        let why = last.map_or_else(
+            || format!("no answer within {} s", STORE_DEADLINE.as_secs()),
+            |e| e.to_string(),
+        );
         Err(Error::StoreUnavailable(format!(
             "redis {}: {why}",
             self.addr
         )))
     }
 
-    fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let conn = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-        conn.set_read_timeout(Some(REDIS_TIMEOUT))?;
-        conn.set_write_timeout(Some(REDIS_TIMEOUT))?;
+    fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        let conn = self.client.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
         Ok(conn)
     }
 

@@ -499,3 +499,78 @@ fn a_half_closed_pair_silent_after_one_octet_is_closed_after_idle_timeout() {
         "taas_pairs_idle_closed_total"
     ) == 1));
 }
+
+/// A stalled Redis (SIGSTOP: the kernel accepts, nobody answers) leaves mobile
+/// requests served, and registrations answered 503 with Retry-After within the
+/// store's deadline, those beyond `MAX_STORE_WAITERS` at once; the relay's
+/// slots are not all held, and registrations work again when Redis resumes.
+#[test]
+fn a_stalled_redis_leaves_mobiles_served_and_registrations_answered() {
+    use std::io::Read;
+    use std::time::Instant;
+    let _only_me = exclusive();
+    let redis = support::RedisServer::start();
+    let relay = TestRelay::start_with_store("plug_timeout = 1", Some(&redis.url()));
+    let p = relay.add_account("demo");
+    let mut hidden = relay.responder(&p, "demo");
+    let (fds, threads) = steady_counts();
+    redis.signal("STOP");
+    let started = Instant::now();
+    let registrations: Vec<_> = (0..24)
+        .map(|_| {
+            let (addr, pem, auth) = (
+                relay.addr,
+                relay.cert_pem.clone(),
+                TestRelay::auth(&p),
+            );
+            thread::spawn(move || {
+                let head = format!(
+                    "PUT /register/demo HTTP/1.1\r\nHost: {REGISTRAR}\r\nAuthorization: {auth}\r\n\r\n"
+                );
+                let tcp = TcpStream::connect(addr).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut tls = support::tls_stream(pem.as_deref().unwrap(), REGISTRAR, tcp);
+                tls.write_all(head.as_bytes()).unwrap();
+                let mut out = Vec::new();
+                let _ = tls.read_to_end(&mut out);
+                (support::Reply::parse(&out), started.elapsed())
+            })
+        })
+        .collect();
+    // Meanwhile a mobile is sent to the label and relayed: no store involved.
+    let q = relay
+        .rendezvous("demo", "/")
+        .expect("307 while Redis is stalled");
+    let mut mobile = TcpStream::connect(q).unwrap();
+    mobile.set_read_timeout(Some(LIMIT)).unwrap();
+    mobile.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    hidden.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    let mut quick = 0;
+    for t in registrations {
+        let (r, took) = t.join().unwrap();
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(r.header("retry-after").is_some(), "{r:?}");
+        let deadline = taas::store::STORE_DEADLINE;
+        assert!(
+            took < deadline + Duration::from_secs(3),
+            "answered after {took:?}"
+        );
+        if took < Duration::from_secs(1) {
+            quick += 1;
+        }
+    }
+    assert!(
+        quick >= 24 - taas::store::MAX_STORE_WAITERS,
+        "only {quick} registrations were refused at once"
+    );
+    redis.signal("CONT");
+    assert!(
+        wait_until(LIMIT, || relay.register(&p, "demo").status == 200),
+        "registrations work again once Redis answers"
+    );
+    drop((mobile, hidden));
+    assert!(wait_until(LIMIT, || relay.server.shared().pairs.count() == 0));
+    assert_counts_settle(fds, threads + 2);
+}

@@ -362,6 +362,17 @@ impl RedisServer {
         );
     }
 
+    /// Sends `sig` to the process (SIGSTOP stalls it: connections are accepted
+    /// by the kernel and never answered; SIGCONT resumes it).
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig}");
+    }
+
     /// Stops it (the data is lost: no persistence).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
