@@ -80,11 +80,14 @@ pub fn ensure_default(config: &Config) -> Result<bool> {
 /// Creates `path` (and a private parent directory) with `mode`; fails if it exists.
 fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::store::refuse_foreign_dir(dir)?;
         create_private_dir(dir)?;
     }
+    // O_EXCL already refuses an existing name, a symlink included.
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .mode(mode)
         .open(path)
         .map_err(|e| Error::file(path, "create", e))?;

@@ -46,6 +46,18 @@ pub enum Error {
         reason: String,
     },
     /// A LABEL is not one DNS label (PROTOCOL.md section 5).
+    /// A file taas would write is a symlink.
+    Symlink(
+        /// The path.
+        PathBuf,
+    ),
+    /// Run as root in a directory another user owns.
+    ForeignOwner {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
     BadLabel(String),
     /// A label is already owned by another account.
     LabelTaken {
@@ -251,6 +263,16 @@ impl fmt::Display for Error {
                 write!(f, "cannot {action} {}: {err}", path.display())
             }
             Error::FileContent { path, reason } => write!(f, "{}: {reason}", path.display()),
+            Error::Symlink(path) => write!(
+                f,
+                "{} is a symbolic link; taas does not write through links (remove it)",
+                path.display()
+            ),
+            Error::ForeignOwner { dir, uid } => write!(
+                f,
+                "{} belongs to uid {uid}, not root: run this as that user (e.g. sudo -u taas taas …), so nothing it could plant there is written as root",
+                dir.display()
+            ),
             Error::BadLabel(label) => write!(
                 f,
                 "bad label {label:?}: a label is 1 to 63 of a-z 0-9 -, not starting or ending with -"

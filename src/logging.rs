@@ -48,10 +48,15 @@ pub fn reopen() {
     }
 }
 
+/// Opens the log for appending: created 0600 (it names IDs and addresses), never
+/// through a symlink.
 fn open(path: &Path) -> crate::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
         .map_err(|e| crate::Error::file(path, "open log file", e))
 }

@@ -178,6 +178,7 @@ impl Provision {
 
     /// Writes `DIR/ID.json` and `DIR/ID.js`, mode 0600; returns their paths.
     pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        crate::store::refuse_foreign_dir(dir)?;
         create_private_dir(dir)?;
         let json = serde_json::to_string_pretty(self).map_err(|e| Error::Usage(e.to_string()))?;
         let json_path = dir.join(format!("{}.json", self.id()));

@@ -414,13 +414,25 @@ impl FileStore {
         })
     }
 
-    /// Read-modify-write under the lock, then an atomic replace.
+    /// Read-modify-write under the lock, then an atomic replace. Run as root
+    /// against a directory of another user, refused: root would otherwise
+    /// write where that user can plant links.
     fn modify(&self, change: impl FnOnce(&mut AccountMap) -> Result<()>) -> Result<()> {
+        refuse_foreign_dir(self.dir())?;
+        refuse_symlink(&self.path)?;
         let _lock = self.lock()?;
         let mut map = self.read()?;
         change(&mut map)?;
-        let tmp = self.write_temp(&map)?;
-        self.commit(&tmp)
+        let mut text = serde_json::to_vec_pretty(&map).map_err(|e| Error::FileContent {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        text.push(b'\n');
+        write_private(&self.path, &text, 0o600)?;
+        let dir = self.dir();
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::file(dir, "sync", e))
     }
 
     /// The directory the store lives in.
@@ -431,65 +443,23 @@ impl FileStore {
         }
     }
 
-    /// Takes the exclusive lock on `PATH.lock`, creating the directory if needed.
+    /// Takes the exclusive lock on `PATH.lock` (never through a symlink),
+    /// creating the directory if needed.
     fn lock(&self) -> Result<File> {
         create_private_dir(self.dir())?;
         let lock_path = sibling(&self.path, "lock");
+        refuse_symlink(&lock_path)?;
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(NOFOLLOW)
             .open(&lock_path)
             .map_err(|e| Error::file(&lock_path, "open", e))?;
-        self.keep_owner(&lock_path)?;
         file.lock()
             .map_err(|e| Error::file(&lock_path, "lock", e))?;
         Ok(file)
-    }
-
-    /// Writes the whole map to `PATH.tmp` (mode 0600) and fsyncs it.
-    fn write_temp(&self, map: &AccountMap) -> Result<PathBuf> {
-        let tmp = sibling(&self.path, "tmp");
-        let mut text = serde_json::to_vec_pretty(map).map_err(|e| Error::FileContent {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        text.push(b'\n');
-        write_private(&tmp, &text, 0o600)?;
-        self.keep_owner(&tmp)?;
-        Ok(tmp)
-    }
-
-    /// Gives `path` the owner of the store (of its directory before the first
-    /// write) when it differs: root running `taas users` on the relay's store
-    /// would otherwise make it root's, 0600, unreadable for the relay. Where the
-    /// caller may not give files away (not root), the file stays the caller's.
-    fn keep_owner(&self, path: &Path) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let dir = self.dir();
-        let want = fs::metadata(&self.path)
-            .or_else(|_| fs::metadata(dir))
-            .map_err(|e| Error::file(dir, "stat", e))?;
-        let have = fs::metadata(path).map_err(|e| Error::file(path, "stat", e))?;
-        if (want.uid(), want.gid()) == (have.uid(), have.gid()) {
-            return Ok(());
-        }
-        match std::os::unix::fs::chown(path, Some(want.uid()), Some(want.gid())) {
-            Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => {
-                Err(Error::file(path, "give to the store's owner", e))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Renames the temporary file over the store and fsyncs the directory.
-    fn commit(&self, tmp: &Path) -> Result<()> {
-        fs::rename(tmp, &self.path).map_err(|e| Error::file(&self.path, "rename", e))?;
-        let dir = self.dir();
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::file(dir, "sync", e))
     }
 }
 
@@ -515,21 +485,76 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 
 use std::os::unix::fs::DirBuilderExt;
 
-/// Writes `bytes` to a new or truncated file created with `mode`, sets the mode
-/// (an existing file keeps its old one otherwise) and fsyncs.
+/// `O_NOFOLLOW`: open fails on a symlink instead of following it.
+const NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+
+/// Writes `bytes` to `path` with `mode` by way of a new file of unpredictable
+/// name beside it (`O_CREAT | O_EXCL | O_NOFOLLOW`), fsynced, then renamed over
+/// `path`: no symlink planted at either name is ever followed, and a reader
+/// sees the old file or the new one, never half. A symlink at `path` is refused.
 pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    refuse_symlink(path)?;
+    let mut r = [0u8; 8];
+    random_bytes(&mut r)?;
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_owned());
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(".{:016x}.tmp", u64::from_le_bytes(r)));
+    let tmp = path.with_file_name(tmp_name);
     let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
         .write(true)
+        .create_new(true)
         .mode(mode)
-        .open(path)
-        .map_err(|e| Error::file(path, "create", e))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::file(path, "chmod", e))?;
-    f.write_all(bytes)
+        .custom_flags(NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| Error::file(&tmp, "create", e))?;
+    let written = f
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
-        .map_err(|e| Error::file(path, "write", e))
+        .and_then(|()| fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::file(path, "write", e)
+    })
+}
+
+/// `Error::Symlink` when `path` is a symlink (a file taas writes must not be).
+pub fn refuse_symlink(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Symlink(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
+/// Run as root, refuses to write in a directory another user owns (the service
+/// user of the README's install): that user could plant a link there and make
+/// root overwrite or chown a file of its choosing. The message says to run the
+/// command as that user.
+pub fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    // The nearest existing ancestor is where new files and directories go.
+    let mut at = dir;
+    loop {
+        match fs::symlink_metadata(at) {
+            Ok(m) if m.uid() != 0 => {
+                return Err(Error::ForeignOwner {
+                    dir: at.to_path_buf(),
+                    uid: m.uid(),
+                });
+            }
+            Ok(_) => return Ok(()),
+            Err(_) => match at.parent() {
+                Some(p) if !p.as_os_str().is_empty() => at = p,
+                _ => return Ok(()),
+            },
+        }
+    }
 }
 
 /// Accounts in Redis, one key per ID.
@@ -827,12 +852,9 @@ mod tests {
             })
             .unwrap();
         let before = fs::read(dir.join("accounts.json")).unwrap();
-        // A writer that dies after writing the temporary file, before the rename.
-        let mut bigger = store.read().unwrap();
-        let b = Account::new(None, &["two".into()]).unwrap();
-        bigger.insert(b.uuid.clone(), b);
-        let tmp = store.write_temp(&bigger).unwrap();
-        assert!(tmp.exists());
+        // A writer that died after writing its temporary file, before the rename.
+        let tmp = dir.join(".accounts.json.0123456789abcdef.tmp");
+        fs::write(&tmp, b"{ half").unwrap();
         assert_eq!(fs::read(dir.join("accounts.json")).unwrap(), before);
         assert_eq!(store.read().unwrap().len(), 1);
         // The next writer is not disturbed by the leftover.
@@ -846,6 +868,39 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            fs::read(&tmp).unwrap(),
+            b"{ half",
+            "another's file untouched"
+        );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn planted_symlinks_are_refused_and_their_targets_untouched() {
+        let dir = tempfile_dir("links");
+        let target = dir.join("target");
+        fs::write(&target, b"precious").unwrap();
+        let store = Store::File(FileStore::new(&dir.join("accounts.json")));
+        let a = Account::new(None, &["one".into()]).unwrap();
+        for planted in ["accounts.json.lock", "accounts.json"] {
+            let link = dir.join(planted);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let e = store.insert(&a).unwrap_err();
+            assert!(matches!(e, Error::Symlink(_)), "{planted}: {e}");
+            assert_eq!(fs::read(&target).unwrap(), b"precious", "{planted}");
+            fs::remove_file(&link).unwrap();
+        }
+        store.insert(&a).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fresh directory under the system's temporary one.
+    fn tempfile_dir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("taas-{what}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

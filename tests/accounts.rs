@@ -445,14 +445,15 @@ fn redis_foreign_keys_are_not_accounts() {
 
 // ---- File only. ----
 
-/// Root writing the relay's store (`sudo taas users add`) leaves the store and
-/// its lock file to the owner of their directory, so the relay can still read
-/// them.
+/// Root writing the relay's store (`sudo taas users add`) in a directory the
+/// service user owns is refused, with a message that says to run it as that
+/// user: that user could plant a link there for root to follow. Nothing is
+/// written.
 #[test]
-fn file_store_keeps_its_owner_when_root_writes() {
+fn file_store_refuses_root_in_another_users_directory() {
     use std::os::unix::fs::MetadataExt;
     if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
-        println!("skipped: needs root to give files away");
+        println!("skipped: needs root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -461,13 +462,15 @@ fn file_store_keeps_its_owner_when_root_writes() {
     std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
     let path = data.join("accounts.json");
     let store = Store::open(&StoreSpec::File(path.clone())).unwrap();
-    store.insert(&new_account(&["first"])).unwrap();
-    store.insert(&new_account(&["second"])).unwrap();
-    for p in [path.clone(), data.join("accounts.json.lock")] {
-        let m = std::fs::metadata(&p).unwrap();
-        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", p.display());
-    }
-    assert_eq!(store.list().unwrap().len(), 2);
+    let e = store.insert(&new_account(&["first"])).unwrap_err();
+    assert!(matches!(e, Error::ForeignOwner { uid: 65534, .. }), "{e}");
+    assert!(e.to_string().contains("sudo -u"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
 }
 
 /// Every read goes to the file: a second instance sees the first one's writes

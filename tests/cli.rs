@@ -506,3 +506,44 @@ fn users_commands_on_redis() {
     assert!(ok, "{stderr}");
     assert!(list(d, &[]).is_empty());
 }
+
+/// `taas users add --out DIR` never writes through a planted symlink: the
+/// provisioning file's name taken by a link is refused, the link's target is
+/// untouched, and no account is left behind; as root, an output directory of
+/// another user is refused with a message that says to run as that user.
+#[test]
+fn users_add_refuses_planted_symlinks_and_foreign_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("taas.toml"),
+        "store = \"file:data/accounts.json\"\ntls = false\n",
+    )
+    .unwrap();
+    let out = d.join("prov");
+    std::fs::create_dir(&out).unwrap();
+    let target = d.join("precious");
+    std::fs::write(&target, b"keep me").unwrap();
+    let id = "6f1c5b2e-8d4a-4c3b-9e7f-0a1b2c3d4e5f";
+    std::os::unix::fs::symlink(&target, out.join(format!("{id}.json"))).unwrap();
+    let (ok, _, err) = taas(d, &["users", "add", "demo", "--id", id, "--out", "prov"]);
+    assert!(!ok, "wrote through a symlink");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    let (ok, list, _) = taas(d, &["users", "list"]);
+    assert!(ok);
+    assert!(!list.contains(id), "the account was rolled back: {list}");
+
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        println!("skipped: the foreign-directory half needs root");
+        return;
+    }
+    let theirs = d.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let (ok, _, err) = taas(d, &["users", "add", "other", "--out", "theirs"]);
+    assert!(!ok);
+    assert!(err.contains("sudo -u"), "{err}");
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+}

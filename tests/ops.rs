@@ -205,6 +205,9 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
 
     // logrotate moves the file; SIGHUP makes the relay write to a new one, and
     // re-read the store, where an account was added meanwhile.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the log names IDs and addresses");
     std::fs::rename(&log, dir.path().join("taas.log.1")).unwrap();
     let added = taas(
         dir.path(),
@@ -230,6 +233,8 @@ fn sighup_reopens_the_log_and_sigterm_lets_a_live_pair_finish() {
         std::fs::read_to_string(&log)
             .is_ok_and(|t| t.contains("SIGHUP") && t.contains("accounts in the store: 2"))
     }));
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the reopened log too");
 
     // A live pair.
     let registrar = taas::agent::Registrar::from_provision(&p).unwrap();
