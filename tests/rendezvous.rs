@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -594,4 +594,35 @@ fn connections_beyond_max_pairs_are_closed_without_taking_a_responder() {
     drop(first);
     assert!(wait_until(LIMIT, || pairs(&relay) == 0));
     paired_mobile(q, &mut h2, b"three");
+}
+
+/// A fixed port (`LABEL:PORT`) the relay cannot bind is that registration's
+/// error: 503 with Retry-After and no plug (never a silent fallback to a
+/// random port); once the port is free the label registers and listens there.
+#[test]
+fn a_fixed_port_that_cannot_be_bound_is_a_clear_registration_error() {
+    let relay = TestRelay::start("");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let p = relay.add_account(&format!("cam:{port}"));
+    let r = relay.register(&p, "cam");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+    let e = taas::Error::FixedPortUnavailable {
+        label: "cam".into(),
+        port,
+        err: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    };
+    assert!(
+        e.to_string()
+            .contains(&format!("fixed port {port} of label cam"))
+    );
+    let label = relay.server.shared().labels.get("cam").unwrap();
+    assert_eq!(label.plugs_open(), 0, "no plug opened");
+    drop(taken);
+    let mut hidden = relay.responder(&p, "cam");
+    assert!(support::is_listening(port));
+    let q = relay.rendezvous("cam", "/").unwrap();
+    assert_eq!(q.port(), port, "the 307 gives the fixed port");
+    let _m = paired_mobile(q, &mut hidden, b"fixed");
 }
