@@ -44,6 +44,9 @@ pub const BACKLOG: i32 = 1024;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Housekeeping period: idle rendezvous ports, dead responders, refusal counts.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Handshake-and-head deadline of a connection that takes one of the last
+/// quarter of `max_connections` (a legitimate client needs milliseconds).
+pub const CROWDED_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// A burst of refusals is summed up after this long without one.
 pub const REFUSAL_QUIET: Duration = Duration::from_secs(5);
 
@@ -74,6 +77,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Connections open now on the well-known port.
+    pub fn conns_open(&self) -> usize {
+        lock(&self.conns.open).0
+    }
+
     /// True once shutdown has begun.
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
@@ -90,7 +98,7 @@ impl Shared {
         for i in 0..span {
             let port = first as u32 + (start + i) % span;
             let port = u16::try_from(port).unwrap_or(last);
-            if let Ok(l) = TcpListener::bind((self.config.bind_host, port)) {
+            if let Ok(l) = listen(SocketAddr::new(self.config.bind_host, port)) {
                 return Ok(l);
             }
         }
@@ -249,9 +257,24 @@ struct ConnLimit {
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
+/// A connection slot of the well-known port, given back on drop.
+struct ConnSlot {
+    /// The relay whose count holds it.
+    shared: Arc<Shared>,
+    /// The peer's address.
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.shared.conns.release(self.ip);
+    }
+}
+
 impl ConnLimit {
-    /// Takes a slot for `ip`, or says which limit refused it.
-    fn acquire(&self, ip: IpAddr) -> std::result::Result<(), &'static str> {
+    /// Takes a slot for `ip` and returns how many are open now, or says which
+    /// limit refused it.
+    fn acquire(&self, ip: IpAddr) -> std::result::Result<usize, &'static str> {
         let ip = source(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.0 >= self.max {
@@ -263,7 +286,7 @@ impl ConnLimit {
         }
         *n += 1;
         open.0 += 1;
-        Ok(())
+        Ok(open.0)
     }
 
     fn release(&self, ip: IpAddr) {
@@ -539,31 +562,46 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 continue;
             }
         };
-        if let Err(limit) = shared.conns.acquire(peer.ip()) {
-            shared.refusals.note(limit, &peer.to_string());
-            shared.metrics.refused(limit);
-            continue;
-        }
+        let open = match shared.conns.acquire(peer.ip()) {
+            Ok(open) => open,
+            Err(limit) => {
+                shared.refusals.note(limit, &peer.to_string());
+                shared.metrics.refused(limit);
+                continue;
+            }
+        };
+        let slot = ConnSlot {
+            shared: shared.clone(),
+            ip: peer.ip(),
+        };
+        // The last quarter of the slots get a short deadline, so handshake and
+        // head drips from a few addresses cannot hold the port.
+        let config = &shared.config;
+        let deadline = if open * 4 > config.max_connections * 3 {
+            config.head_timeout.min(CROWDED_HEAD_TIMEOUT)
+        } else {
+            config.head_timeout
+        };
         let s = shared.clone();
         let spawned = spawn("conn", CONN_STACK, move || {
-            handle_conn(&s, stream, peer);
-            s.conns.release(peer.ip());
+            let _slot = slot;
+            handle_conn(&s, stream, peer, deadline);
         });
         if let Err(e) = spawned {
-            shared.conns.release(peer.ip());
+            // The closure, and the slot with it, was dropped.
             shared.refusals.note("threads", &format!("{peer}: {e}"));
         }
     }
 }
 
 /// One connection on the well-known port: handshake, head, answer, close.
-fn handle_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+fn handle_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, head_timeout: Duration) {
     // Handshake flights, the answer and close_notify are small writes in a row:
     // without this, Nagle holds each one for the peer's delayed ACK (~40 ms).
     let _ = tcp.set_nodelay(true);
     let io = DeadlineStream {
         inner: tcp,
-        deadline: Instant::now() + shared.config.head_timeout,
+        deadline: Instant::now() + head_timeout,
     };
     let done = match &shared.tls {
         Some(tls) => serve_tls(shared, tls.clone(), io, peer),
@@ -623,8 +661,8 @@ fn serve<S: std::io::Read + std::io::Write + HasDeadline>(
     shared.metrics.request(response.status);
     let line = format!(
         "{} {}{} from {peer}{}: {} {}",
-        head.method,
-        head.host.as_deref().unwrap_or("-"),
+        escape(&head.method),
+        head.host.as_deref().map_or_else(|| "-".to_string(), escape),
         loggable_target(&head.target),
         id_of(&head),
         response.status,
@@ -641,12 +679,28 @@ fn serve<S: std::io::Read + std::io::Write + HasDeadline>(
 }
 
 /// A request target as logged: the path, and "?…" in place of a query, which
-/// may carry the hidden service's users' secrets (`?code=`, `?token=`).
-pub fn loggable_target(target: &str) -> std::borrow::Cow<'_, str> {
-    match target.split_once('?') {
-        Some((path, _)) => format!("{path}?…").into(),
-        None => target.into(),
+/// may carry the hidden service's users' secrets (`?code=`, `?token=`); control
+/// characters and non-ASCII escaped, so a peer cannot forge log lines.
+pub fn loggable_target(target: &str) -> String {
+    let path = match target.split_once('?') {
+        Some((path, _)) => return format!("{}?…", escape(path)),
+        None => target,
+    };
+    escape(path)
+}
+
+/// A peer's text as a log field: printable ASCII as it is, the rest escaped
+/// (`\n`, `\u{1b}`), at most 200 characters.
+pub fn escape(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(200).is_some() {
+        out.push('…');
     }
+    out
 }
 
 /// " id X" when the head carries TOTP credentials (the ID is not a secret).
@@ -811,13 +865,22 @@ mod tests {
             max_per_ip: 1,
             open: Mutex::new((0, HashMap::new())),
         };
-        assert!(limit.acquire(ip("2001:db8::1")).is_ok());
+        assert_eq!(limit.acquire(ip("2001:db8::1")), Ok(1));
         assert_eq!(
             limit.acquire(ip("2001:db8::2")),
             Err("max_connections_per_ip")
         );
         limit.release(ip("2001:db8::1"));
         assert!(limit.acquire(ip("2001:db8::2")).is_ok());
+    }
+
+    #[test]
+    fn peer_text_is_escaped_in_log_fields() {
+        assert_eq!(escape("demo.taas.localhost"), "demo.taas.localhost");
+        assert_eq!(escape("a\r\nINFO forged"), "a\\r\\nINFO forged");
+        assert_eq!(escape("\u{1b}[31m"), "\\u{1b}[31m");
+        assert_eq!(loggable_target("/x\n?secret=1"), "/x\\n?…");
+        assert!(escape(&"x".repeat(500)).len() <= 204);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `MAX_STATUS_CONNS` requests are served at once, each under `STATUS_TIMEOUT`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,9 +14,12 @@ use crate::error::{Error, Result};
 use crate::http::{self, DeadlineStream, Response};
 use crate::server::{SMALL_STACK, Shared, spawn, wake};
 
-/// Requests served at once; more are closed (a scraper needs one).
-pub const MAX_STATUS_CONNS: usize = 8;
-/// Deadline for one status request, head and answer.
+/// Requests served at once, each in its own thread; more are closed (a
+/// scraper needs one; a few idle connections must not shut it out).
+pub const MAX_STATUS_CONNS: usize = 64;
+/// Deadline for a status request's head (a scraper sends it at once).
+pub const STATUS_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Deadline for writing the answer.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running status listener; dropping it stops it.
@@ -29,7 +33,7 @@ pub struct StatusServer {
 impl StatusServer {
     /// Binds `addr` and serves the relay's `shared` state.
     pub fn bind(addr: SocketAddr, shared: Arc<Shared>) -> Result<StatusServer> {
-        let listener = TcpListener::bind(addr)
+        let listener = crate::server::listen(addr)
             .map_err(|e| Error::Usage(format!("cannot listen on status_listen {addr}: {e}")))?;
         let addr = listener
             .local_addr()
@@ -89,9 +93,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
 fn serve(shared: &Shared, stream: TcpStream) {
     let mut io = DeadlineStream {
         inner: stream,
-        deadline: Instant::now() + STATUS_TIMEOUT,
+        deadline: Instant::now() + STATUS_HEAD_TIMEOUT,
     };
-    let response = match http::read_head(&mut io, 4096) {
+    let head = http::read_head(&mut io, 4096);
+    io.deadline = Instant::now() + STATUS_TIMEOUT;
+    let response = match head {
         Ok(head) if head.method != "GET" => Response::from_error(&Error::MethodNotAllowed("GET")),
         Ok(head) => match head.path() {
             "/metrics" => {

@@ -574,3 +574,68 @@ fn a_stalled_redis_leaves_mobiles_served_and_registrations_answered() {
     assert!(wait_until(LIMIT, || relay.server.shared().pairs.count() == 0));
     assert_counts_settle(fds, threads + 2);
 }
+
+/// Handshake drips from a few addresses cannot hold the well-known port: the
+/// last quarter of `max_connections` get a short deadline (2 s), so they are
+/// closed long before `head_timeout`, and a legitimate client gets in.
+#[test]
+fn drips_cannot_hold_the_last_quarter_of_the_slots() {
+    use std::time::Instant;
+    let _g = shared();
+    let relay =
+        TestRelay::start("max_connections = 8\nmax_connections_per_ip = 8\nhead_timeout = 30");
+    let from = |i: u8| IpAddr::from([127, 0, 1, i]);
+    let early: Vec<TcpStream> = (0..6)
+        .map(|i| support::connect_from(from(i), relay.addr).unwrap())
+        .collect();
+    // Each is accepted (and counted) before the next, so the last two are the
+    // crowded ones.
+    assert!(wait_until(LIMIT, || relay.server.shared().conns_open() == 6));
+    let start = Instant::now();
+    let mut late: Vec<TcpStream> = (6..8)
+        .map(|i| {
+            let s = support::connect_from(from(i), relay.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        })
+        .collect();
+    for s in &mut late {
+        let got = support::read_until_closed(s).expect("a crowded drip is closed");
+        assert!(got.is_empty());
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "crowded connections closed after {took:?} (head_timeout is 30 s)"
+    );
+    assert_eq!(probe(&relay), 503, "a legitimate request is answered");
+    drop(early);
+}
+
+/// Many idle connections to the status port do not keep a scraper out: each
+/// is served in its own thread and an idle one is dropped after 1 s.
+#[test]
+fn idle_connections_do_not_block_the_status_port() {
+    use std::io::Read;
+    use std::time::Instant;
+    let _g = shared();
+    let relay = TestRelay::start("status_listen = \"127.0.0.1:0\"");
+    let status = relay.server.status_addr().unwrap();
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(status).unwrap())
+        .collect();
+    let start = Instant::now();
+    let mut s = TcpStream::connect(status).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(idle);
+}
