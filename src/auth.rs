@@ -181,7 +181,7 @@ impl Guard {
             self.fail(&keys);
             return Err(Error::AuthFailed);
         };
-        if let Err(last) = self.accept_step(&account.uuid, step, peer) {
+        if let Err(last) = self.accept_step(&account.uuid, step, src) {
             // A right token, already used elsewhere: not a guess, so no budget
             // is spent; the next step's token will do.
             let next = (last + 1).saturating_mul(totp.step);
@@ -219,7 +219,8 @@ impl Guard {
     }
 
     /// The replay rule: a newer step is taken; the same step only from the same
-    /// address; an older one never. A refusal gives the last accepted step.
+    /// source (`server::source`: an IPv6 address by its /64, as the throttle
+    /// counts it); an older one never. A refusal gives the last accepted step.
     fn accept_step(&self, id: &str, step: u64, peer: IpAddr) -> std::result::Result<(), u64> {
         let mut table = crate::server::lock(&self.last_step);
         match table.get(id) {

@@ -45,7 +45,6 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// A LABEL is not one DNS label (PROTOCOL.md section 5).
     /// A file taas would write is a symlink.
     Symlink(
         /// The path.
@@ -58,6 +57,7 @@ pub enum Error {
         /// Its owner.
         uid: u32,
     },
+    /// A LABEL is not one DNS label (PROTOCOL.md section 5).
     BadLabel(String),
     /// A label is already owned by another account.
     LabelTaken {
@@ -66,7 +66,6 @@ pub enum Error {
         /// The account that owns it.
         owner: String,
     },
-    /// An account ID (UUID) is malformed.
     /// A fixed port (`LABEL:PORT`) another account's label already has.
     PortTaken {
         /// The port.
@@ -104,6 +103,7 @@ pub enum Error {
         /// `max_waiting`.
         max: usize,
     },
+    /// An account ID (UUID) is malformed.
     BadId(String),
     /// No account with this ID.
     NoSuchAccount(String),
@@ -172,7 +172,6 @@ pub enum Error {
     Usage(String),
 }
 
-/// The library's result type.
 /// Whole seconds, rounded up, at least 1 (a `Retry-After`).
 pub fn seconds_up(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
@@ -181,6 +180,7 @@ pub fn seconds_up(d: Duration) -> u64 {
 /// Retry-After of a registration refused at a full pool, in seconds.
 pub const POOL_FULL_RETRY: u64 = 15;
 
+/// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -33,8 +33,17 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
         let name = label::validate(name)?;
         let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
-        lab.set_fixed_port(account.fixed_port(&name));
-        if lab.fixed_port().is_some() {
+        let fixed = account.fixed_port(&name);
+        if let Some(port) = fixed {
+            // A record written by another tool (the original's users page) may
+            // name a port this relay keeps for itself.
+            shared.config.check_entry(&label::Entry {
+                name: name.clone(),
+                port: Some(port),
+            })?;
+        }
+        lab.set_fixed_port(fixed);
+        if fixed.is_some() {
             // A fixed port listens from the label's first registration on; one
             // the relay cannot bind is this registration's error.
             rendezvous::port_for(shared, &lab)?;
