@@ -27,7 +27,7 @@
 //! | `GET /api/accounts/ID/provision.js` | the legacy `ID.js` (attachment, `text/plain`) |
 //! | `GET /api/accounts/ID/qr.svg` | the `otpauth://` URI as a QR code, SVG drawn here |
 //!
-//! # Safety (PROTOCOL.md section 5: "admin requests need a same-origin token")
+//! # Safety (docs/PROTOCOL.md section 5: "admin requests need a same-origin token")
 //!
 //! - The `Host` of every request, the page included, must be the listen address
 //!   or `localhost` with its port: a DNS-rebinding page (`evil.example` resolving
@@ -52,11 +52,9 @@
 //! line. Label edits read the record and write it back: when two operators edit
 //! the same account at the same instant the last write wins.
 
-use std::io::{self, BufReader, Read};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -65,13 +63,13 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::http::{self, DeadlineStream, Response};
+use crate::http::{self, DeadlineStream, Response, Serving, WRITE_TIMEOUT};
 use crate::label;
 use crate::provision::Provision;
-use crate::server::{CONN_STACK, SMALL_STACK, WRITE_TIMEOUT, spawn, wake};
 use crate::store::{Account, Store};
+use crate::sys::{CONN_STACK, random_bytes};
 
-/// `taas admin`'s address when `--listen` is not given (INTERFACE.md).
+/// `taas admin`'s address when `--listen` is not given (docs/INTERFACE.md).
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8893);
 /// Connections served at once; more are closed. A browser opens about six per
 /// host; one operator never needs more.
@@ -115,20 +113,14 @@ struct State {
     token: String,
     /// The bound address (the `Host` and `Origin` requests must name).
     addr: SocketAddr,
-    /// Set to stop the accept loop.
-    stop: AtomicBool,
-    /// Connections being served.
-    busy: AtomicUsize,
-    /// Set while at `MAX_ADMIN_CONNS`, so a burst of refusals logs one line.
-    full: AtomicBool,
 }
 
 /// A running admin page; dropping it stops accepting.
 pub struct Admin {
     /// State shared with the threads.
     state: Arc<State>,
-    /// The accept loop, joined on shutdown.
-    accept: Mutex<Option<JoinHandle<()>>>,
+    /// The listener.
+    serving: Serving,
 }
 
 impl Admin {
@@ -136,33 +128,21 @@ impl Admin {
     /// Does not check that `addr` is loopback: `run` does.
     pub fn bind(config: Config, addr: SocketAddr) -> Result<Admin> {
         let store = Store::open(&config.store)?;
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("admin bind", e))?;
+        let (listener, addr) = http::bind("the admin page", addr)?;
         let mut bytes = [0u8; TOKEN_BYTES];
-        crate::store::random_bytes(&mut bytes)?;
+        random_bytes(&mut bytes)?;
         let token = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let state = Arc::new(State {
             config,
             store,
             token,
             addr,
-            stop: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
         });
         let s = state.clone();
-        let accept = std::thread::Builder::new()
-            .name("admin".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || accept_loop(&listener, &s))
-            .map_err(|e| Error::io("spawn thread", e))?;
-        Ok(Admin {
-            state,
-            accept: Mutex::new(Some(accept)),
-        })
+        let serve = move |stream, peer| serve(&s, stream, peer);
+        let conn = ("admin-conn", CONN_STACK);
+        let serving = Serving::start(listener, addr, MAX_ADMIN_CONNS, conn, serve)?;
+        Ok(Admin { state, serving })
     }
 
     /// The bound address.
@@ -178,19 +158,7 @@ impl Admin {
     /// Stops accepting and returns once the accept loop has ended; requests being
     /// served finish within their deadlines.
     pub fn shutdown(&self) {
-        if self.state.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        wake(self.state.addr);
-        if let Some(h) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Admin {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.serving.stop();
     }
 }
 
@@ -222,45 +190,11 @@ pub fn run(config: Config, addr: SocketAddr, public: bool) -> Result<()> {
         admin.url(),
         admin.state.config.store.describe()
     );
-    crate::server::wait_for_signal(|| ())?;
+    crate::sys::wait_for_signal(crate::logging::reopen)
+        .map_err(|e| Error::io("signal set-up", e))?;
     drop(admin);
     log::info!("stopped");
     Ok(())
-}
-
-fn accept_loop(listener: &TcpListener, state: &Arc<State>) {
-    loop {
-        let accepted = listener.accept();
-        if state.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(_) => {
-                // Out of descriptors, most likely: back off instead of spinning.
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if state.busy.fetch_add(1, Ordering::SeqCst) >= MAX_ADMIN_CONNS {
-            state.busy.fetch_sub(1, Ordering::SeqCst);
-            if !state.full.swap(true, Ordering::SeqCst) {
-                log::warn!(
-                    "admin: {MAX_ADMIN_CONNS} connections open: closed {peer} (and any more until one ends)"
-                );
-            }
-            continue;
-        }
-        state.full.store(false, Ordering::SeqCst);
-        let s = state.clone();
-        let spawned = spawn("admin-conn", CONN_STACK, move || {
-            serve(&s, stream, peer);
-            s.busy.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            state.busy.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
 }
 
 /// A request, as far as the admin needs it.
@@ -318,8 +252,8 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
         inner: tcp,
         deadline: Instant::now() + ADMIN_TIMEOUT,
     };
-    let mut reader = BufReader::new(io);
-    let response = match read_request(&mut reader) {
+    let mut io = io;
+    let response = match read_request(&mut io) {
         Ok(req) => {
             let response = answer(state, &req).unwrap_or_else(|f| error_response(&f));
             let line = format!(
@@ -334,14 +268,13 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
             response
         }
         // The accept loop's wake-up, or a client that gave up: nothing to answer.
-        Err(Error::BadRequest(why)) if why.starts_with("connection closed") => return,
+        Err(Error::ClosedEarly) => return,
         Err(e) => {
             let failure = Failure::from(e);
             log::info!("admin from {peer}: {} {}", failure.status, failure.message);
             error_response(&failure)
         }
     };
-    let mut io = reader.into_inner();
     io.deadline = Instant::now() + WRITE_TIMEOUT;
     if response.write_to(&mut io).is_ok() {
         linger(io);
@@ -364,95 +297,49 @@ fn linger(mut io: DeadlineStream) {
     }
 }
 
-/// Hands `http::read_head` one byte per read, so it stops exactly at the blank
-/// line (it reads in chunks and would swallow the body), and keeps the bytes for
-/// the headers `http::Head` does not hold.
-struct ByteByByte<'a, R> {
-    /// The buffered connection.
-    inner: &'a mut R,
-    /// The head's bytes so far.
-    seen: Vec<u8>,
-}
-
-impl<R: Read> Read for ByteByByte<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(first) = buf.first_mut() else {
-            return Ok(0);
-        };
-        let mut byte = [0u8; 1];
-        let n = self.inner.read(&mut byte)?;
-        if n == 1 {
-            *first = byte[0];
-            self.seen.push(byte[0]);
-        }
-        Ok(n)
-    }
-}
-
 /// Reads the head (capped at `MAX_ADMIN_HEAD`) and the body (`Content-Length`,
 /// capped at `MAX_BODY`) under the connection's deadline.
 fn read_request(r: &mut impl Read) -> Result<Request> {
-    let mut tee = ByteByByte {
-        inner: r,
-        seen: Vec::new(),
-    };
-    let head = http::read_head(&mut tee, MAX_ADMIN_HEAD)?;
-    let mut req = Request {
-        path: head.path().to_string(),
-        method: head.method,
-        host: head.host,
-        ..Request::default()
-    };
-    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    parsed
-        .parse(&tee.seen)
-        .map_err(|e| Error::BadRequest(e.to_string()))?;
-    let mut length: Option<usize> = None;
-    for h in parsed.headers.iter() {
-        let value = || {
-            std::str::from_utf8(h.value)
-                .map(|v| v.trim().to_string())
-                .map_err(|_| Error::BadRequest(format!("{} header is not text", h.name)))
-        };
-        let slot = match h.name.to_ascii_lowercase().as_str() {
-            "origin" => &mut req.origin,
-            "sec-fetch-site" => &mut req.fetch_site,
-            "x-taas-token" => &mut req.token,
-            "content-type" => &mut req.content_type,
-            "content-length" => {
-                let n = value()?
-                    .parse()
-                    .map_err(|_| Error::BadRequest("Content-Length is not a number".into()))?;
-                if length.replace(n).is_some() {
-                    return Err(Error::BadRequest("more than one Content-Length".into()));
-                }
-                continue;
-            }
-            "transfer-encoding" => {
-                return Err(Error::BadRequest(
-                    "Transfer-Encoding is not accepted; send Content-Length".into(),
-                ));
-            }
-            _ => continue,
-        };
-        if slot.is_some() {
-            return Err(Error::BadRequest(format!(
-                "more than one {} header",
-                h.name
-            )));
+    let head = http::read_head(r, MAX_ADMIN_HEAD)?;
+    let one = |name: &str| -> Result<Option<String>> {
+        let mut values = head.field(name);
+        let first = values.next().map(str::to_string);
+        match values.next() {
+            Some(_) => Err(Error::BadRequest(format!("more than one {name} header"))),
+            None => Ok(first),
         }
-        *slot = Some(value()?);
+    };
+    if head.field("transfer-encoding").next().is_some() {
+        return Err(Error::BadRequest(
+            "Transfer-Encoding is not accepted; send Content-Length".into(),
+        ));
     }
-    let length = length.unwrap_or(0);
+    let length: usize = match one("content-length")? {
+        Some(n) => n
+            .parse()
+            .map_err(|_| Error::BadRequest("Content-Length is not a number".into()))?,
+        None => 0,
+    };
     if length > MAX_BODY {
         return Err(Error::BadRequest(format!(
             "a body of {length} bytes is over the limit of {MAX_BODY}"
         )));
     }
-    req.body = vec![0; length];
-    tee.inner
-        .read_exact(&mut req.body)
+    let mut req = Request {
+        path: head.path().to_string(),
+        method: head.method.clone(),
+        host: head.host.clone(),
+        origin: one("origin")?,
+        fetch_site: one("sec-fetch-site")?,
+        token: one("x-taas-token")?,
+        content_type: one("content-type")?,
+        body: head.rest.clone(),
+    };
+    // What came with the head, then the rest of `Content-Length`.
+    req.body.truncate(length);
+    let have = req.body.len();
+    req.body.resize(length, 0);
+    r.read_exact(&mut req.body[have..])
         .map_err(|e| Error::io("body", e))?;
     Ok(req)
 }
@@ -471,10 +358,7 @@ fn secure(mut r: Response) -> Response {
 }
 
 fn body_response(status: u16, content_type: &'static str, body: Vec<u8>) -> Response {
-    let mut r = Response::text(status, "");
-    r.content_type = content_type;
-    r.body = body;
-    secure(r)
+    secure(Response::with_body(status, content_type, body))
 }
 
 fn json_response(value: &Value) -> Response {
@@ -837,6 +721,7 @@ pub fn qr_svg(text: &str) -> std::result::Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufReader;
 
     fn state(addr: &str) -> State {
         State {
@@ -846,9 +731,6 @@ mod tests {
             ))),
             token: "t".into(),
             addr: addr.parse().unwrap(),
-            stop: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
         }
     }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use argh::FromArgs;
 use taas::store::{Account, Store};
-use taas::{Config, Error, Result};
+use taas::{Config, Error, Result, Server};
 
 /// taas: reach servers hidden behind NAT through this relay (TAAS protocol).
 #[derive(FromArgs)]
@@ -15,6 +15,7 @@ struct Cli {
     /// print the version and the git revision it was built from
     #[argh(switch)]
     version: bool,
+    /// what to do
     #[argh(subcommand)]
     command: Option<Command>,
 }
@@ -81,6 +82,7 @@ struct Serve {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "users")]
 struct Users {
+    /// what to do with accounts
     #[argh(subcommand)]
     command: UsersCommand,
 }
@@ -165,7 +167,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// argh's parse, with its errors folded into one line (INTERFACE.md: one clear
+/// argh's parse, with its errors folded into one line (docs/INTERFACE.md: one clear
 /// line on failure); `--help` goes to stdout and exits 0.
 fn parse_args() -> std::result::Result<Cli, ExitCode> {
     let args: Vec<String> = std::env::args().collect();
@@ -208,7 +210,7 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Serve(a) => {
             let config = Config::load(a.config.as_deref())?;
             taas::logging::init(config.log_file.as_deref())?;
-            taas::server::run(config)
+            serve(config)
         }
         Command::Users(u) => match u.command {
             UsersCommand::Add(a) => users_add(&a),
@@ -245,10 +247,68 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Token(a) => {
             let p = taas::provision::Provision::load(&a.provision)?;
-            println!("{}", p.totp()?.generate(taas::unix_time()));
+            println!("{}", p.totp()?.generate(taas::sys::unix_time()));
             Ok(())
         }
     }
+}
+
+/// `taas serve`: first-start set-up, the relay, signals, a graceful stop.
+fn serve(config: Config) -> Result<()> {
+    if taas::cert::ensure_default(&config)? {
+        log::info!(
+            "first start: made a self-signed certificate {} for {}",
+            config.cert.display(),
+            taas::cert::subject_alt_names(&config).join(", ")
+        );
+    }
+    if !config.tls {
+        log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");
+    }
+    taas::sys::raise_fd_limit();
+    let grace = config.shutdown_grace;
+    let server = Server::bind(config)?;
+    let c = server.config();
+    log::info!(
+        "taas {} listening on {} (public {}), registrar {}, labels under {}, store {}, config {}",
+        taas::version(),
+        server.local_addr(),
+        c.public_addr(server.local_addr().port()),
+        c.registrar_name,
+        c.servers_domain,
+        c.store.describe(),
+        c.source
+    );
+    log_accounts(server.store());
+    // Accounts are read from the store at each registration; SIGHUP re-reads
+    // it now, so the operator sees at once whether an edit took.
+    wait_for_signal(|| {
+        taas::logging::reopen();
+        log_accounts(server.store());
+    })?;
+    log::info!(
+        "stopping: live pairs have {} s to finish",
+        grace.as_secs_f64()
+    );
+    server.shutdown(grace);
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Logs how many accounts the store holds (or why it cannot say).
+fn log_accounts(store: &Store) {
+    match store.list() {
+        Ok(list) if list.is_empty() => {
+            log::info!("no accounts yet: add one with `taas users add LABEL`")
+        }
+        Ok(list) => log::info!("accounts in the store: {}", list.len()),
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT, calling `on_hup` at each SIGHUP.
+fn wait_for_signal(on_hup: impl Fn()) -> Result<()> {
+    taas::sys::wait_for_signal(on_hup).map_err(|e| Error::io("signal set-up", e))
 }
 
 fn open_store(path: Option<&Path>) -> Result<(Config, Store)> {
@@ -323,7 +383,7 @@ fn expose(a: Expose) -> Result<()> {
             eager: a.eager,
         },
     )?;
-    taas::server::wait_for_signal(|| ())?;
+    wait_for_signal(taas::logging::reopen)?;
     agent.stop();
     log::info!("stopped");
     Ok(())

@@ -1,13 +1,39 @@
 //! Counters for operators (`GET /metrics` in the Prometheus text format), kept with
 //! atomics and small maps so the hot relay path only adds to integers.
 //!
-//! Invariant: every label value is one of a fixed set chosen in the code (results,
-//! statuses, limit names), never a peer's string, so the maps stay small.
+//! Invariants: every label value is one of a fixed set chosen in the code
+//! (`Registration`, `http::STATUSES`, `Limit`), never a peer's string, so the maps
+//! stay small; every value of those sets is exported from the start, at 0, so a
+//! first event is not lost to `rate()`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::http::STATUSES;
+use crate::limits::{Limit, named_set};
+use crate::sys::lock;
+
+named_set! {
+    /// How a registration (or a pairings request) ended, as `/metrics` counts it.
+    Registration {
+        /// A plug was opened.
+        Ok = "ok",
+        /// No credentials, an unknown ID or a wrong token.
+        Unauthorized = "unauthorized",
+        /// The ID does not own the label.
+        Forbidden = "forbidden",
+        /// Too many failures.
+        Throttled = "throttled",
+        /// A token already used from another address.
+        Replay = "replay",
+        /// The account store did not answer.
+        StoreUnavailable = "store_unavailable",
+        /// Malformed credentials.
+        BadRequest = "bad_request",
+    }
+}
 
 /// The relay's counters.
 #[derive(Default)]
@@ -37,24 +63,40 @@ pub struct Metrics {
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
-    *map.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(key)
-        .or_insert(0) += 1;
+    *lock(map).entry(key).or_insert(0) += 1;
+}
+
+/// The rows `{key="value"} count` of every value of a fixed set, 0 for those
+/// not yet counted.
+fn rows<K: Ord + Display>(
+    key: &str,
+    map: &Mutex<BTreeMap<K, u64>>,
+    all: impl Iterator<Item = K>,
+) -> Vec<(String, u64)> {
+    let map = lock(map);
+    all.map(|k| {
+        (
+            format!("{{{key}=\"{k}\"}}"),
+            map.get(&k).copied().unwrap_or(0),
+        )
+    })
+    .collect()
 }
 
 impl Metrics {
     /// A registration ended with `result`.
-    pub fn registration(&self, result: &'static str) {
-        bump(&self.registrations, result);
+    pub fn registration(&self, result: Registration) {
+        bump(&self.registrations, result.name());
     }
-    /// A request on the well-known port was answered `status`.
+    /// A request on the well-known port was answered `status` (one of
+    /// `http::STATUSES`; any other is counted as the 500 it is answered as).
     pub fn request(&self, status: u16) {
-        bump(&self.requests, status);
+        let known = STATUSES.iter().any(|(s, _)| *s == status);
+        bump(&self.requests, if known { status } else { 500 });
     }
     /// A newcomer was refused by `limit`.
-    pub fn refused(&self, limit: &'static str) {
-        bump(&self.refusals, limit);
+    pub fn refused(&self, limit: Limit) {
+        bump(&self.refusals, limit.name());
     }
     /// A pair was closed by `idle_timeout` (also counted by `pair_closed`).
     pub fn pair_idle_closed(&self) {
@@ -82,82 +124,76 @@ impl Metrics {
     pub fn rendezvous_open(&self, delta: i64) {
         self.rendezvous_open.fetch_add(delta, Relaxed);
     }
-    /// Pairs relaying now.
-    pub fn pairs_active(&self) -> u64 {
-        self.pairs_opened
-            .load(Relaxed)
-            .saturating_sub(self.pairs_closed.load(Relaxed))
-    }
 
-    /// The Prometheus text exposition; `waiting` is responders per label.
-    pub fn render(&self, waiting: &[(String, usize)]) -> String {
+    /// The Prometheus text exposition; `waiting` is responders per label and
+    /// `pairs_active` the pairs relaying now (the relay's table says both).
+    pub fn render(&self, waiting: &[(String, usize)], pairs_active: usize) -> String {
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, value) in rows {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let one = |v: u64| vec![(String::new(), v.to_string())];
-        let by = |key: &str, map: Vec<(String, u64)>| {
-            map.into_iter()
-                .map(|(k, v)| (format!("{{{key}=\"{k}\"}}"), v.to_string()))
-                .collect()
-        };
-        let snap = |m: &Mutex<BTreeMap<&'static str, u64>>| {
-            let m = m.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect::<Vec<_>>()
-        };
-        let requests: Vec<(String, u64)> = {
-            let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-        };
+        let one = |v: &AtomicU64| vec![(String::new(), v.load(Relaxed))];
+        let counters = [
+            (
+                "pairs_opened",
+                &self.pairs_opened,
+                "Pairs that began relaying.",
+            ),
+            ("pairs_closed", &self.pairs_closed, "Pairs that ended."),
+            (
+                "pairs_idle_closed",
+                &self.pairs_idle_closed,
+                "Pairs closed after idle_timeout with no octet either way.",
+            ),
+            (
+                "auth_failures",
+                &self.auth_failures,
+                "Failed authentications.",
+            ),
+            ("store_errors", &self.store_errors, "Account store errors."),
+        ];
         family(
             "taas_registrations_total",
             "counter",
             "Registrations by result.",
-            by("result", snap(&self.registrations)),
+            rows(
+                "result",
+                &self.registrations,
+                Registration::ALL.iter().map(|r| r.name()),
+            ),
         );
         family(
             "taas_requests_total",
             "counter",
             "Requests on the well-known port by status.",
-            by("status", requests),
+            rows("status", &self.requests, STATUSES.iter().map(|s| s.0)),
         );
         family(
-            "taas_pairs_opened_total",
+            "taas_refusals_total",
             "counter",
-            "Pairs that began relaying.",
-            one(self.pairs_opened.load(Relaxed)),
+            "Newcomers refused, by limit.",
+            rows("limit", &self.refusals, Limit::ALL.iter().map(|l| l.name())),
         );
-        family(
-            "taas_pairs_closed_total",
-            "counter",
-            "Pairs that ended.",
-            one(self.pairs_closed.load(Relaxed)),
-        );
-        family(
-            "taas_pairs_active",
-            "gauge",
-            "Pairs relaying now.",
-            one(self.pairs_active()),
-        );
+        for (name, value, help) in counters {
+            family(&format!("taas_{name}_total"), "counter", help, one(value));
+        }
         family(
             "taas_relayed_bytes_total",
             "counter",
             "Octets relayed, by direction (counted when a pair closes).",
             vec![
-                (
-                    "{direction=\"up\"}".into(),
-                    self.bytes_up.load(Relaxed).to_string(),
-                ),
-                (
-                    "{direction=\"down\"}".into(),
-                    self.bytes_down.load(Relaxed).to_string(),
-                ),
+                ("{direction=\"up\"}".into(), self.bytes_up.load(Relaxed)),
+                ("{direction=\"down\"}".into(), self.bytes_down.load(Relaxed)),
             ],
+        );
+        family(
+            "taas_pairs_active",
+            "gauge",
+            "Pairs relaying now.",
+            vec![(String::new(), pairs_active as u64)],
         );
         family(
             "taas_waiting_responders",
@@ -165,39 +201,44 @@ impl Metrics {
             "Responders waiting, by label.",
             waiting
                 .iter()
-                .map(|(l, n)| (format!("{{label=\"{l}\"}}"), n.to_string()))
+                .map(|(l, n)| (format!("{{label=\"{l}\"}}"), *n as u64))
                 .collect(),
         );
         family(
             "taas_rendezvous_ports_open",
             "gauge",
             "Rendezvous ports open now.",
-            one(self.rendezvous_open.load(Relaxed).max(0) as u64),
-        );
-        family(
-            "taas_refusals_total",
-            "counter",
-            "Newcomers refused, by limit.",
-            by("limit", snap(&self.refusals)),
-        );
-        family(
-            "taas_pairs_idle_closed_total",
-            "counter",
-            "Pairs closed after idle_timeout with no octet either way.",
-            one(self.pairs_idle_closed.load(Relaxed)),
-        );
-        family(
-            "taas_auth_failures_total",
-            "counter",
-            "Failed authentications.",
-            one(self.auth_failures.load(Relaxed)),
-        );
-        family(
-            "taas_store_errors_total",
-            "counter",
-            "Account store errors.",
-            one(self.store_errors.load(Relaxed)),
+            vec![(
+                String::new(),
+                self.rendezvous_open.load(Relaxed).max(0) as u64,
+            )],
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fixed_label_value_is_exported_at_zero() {
+        let m = Metrics::default();
+        m.refused(Limit::MaxWaiting);
+        let text = m.render(&[], 0);
+        for l in Limit::ALL {
+            let want = u64::from(*l == Limit::MaxWaiting);
+            let line = format!("taas_refusals_total{{limit=\"{l}\"}} {want}\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        for r in Registration::ALL {
+            let line = format!("taas_registrations_total{{result=\"{}\"}} 0\n", r.name());
+            assert!(text.contains(&line), "{line}");
+        }
+        for (s, _) in STATUSES {
+            assert!(text.contains(&format!("taas_requests_total{{status=\"{s}\"}} 0\n")));
+        }
+        assert!(text.contains("taas_pairs_idle_closed_total 0\n"));
+        assert!(text.contains("taas_pairs_active 0\n"));
     }
 }

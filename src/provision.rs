@@ -1,4 +1,4 @@
-//! Provisioning files (PROTOCOL.md section 5): what a hidden server needs to
+//! Provisioning files (docs/PROTOCOL.md section 5): what a hidden server needs to
 //! register — `ID.json`, and the legacy `ID.js` (`exports.params = {…};`) that the
 //! original's hidden servers read.
 //!
@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{Account, create_private_dir, write_private};
+use crate::store::Account;
+use crate::sys::{create_private_dir, refuse_foreign_dir, write_private};
 use crate::totp::{Algorithm, Totp};
 
 /// How to reach the relay.
@@ -149,7 +150,7 @@ impl Provision {
     /// The TOTP this file describes.
     pub fn totp(&self) -> Result<Totp> {
         let algorithm = Algorithm::parse(&self.algorithm).ok_or_else(|| {
-            Error::Usage(format!("algorithm {:?} is not supported", self.algorithm))
+            Error::BadTotp(format!("algorithm {:?} is not supported", self.algorithm))
         })?;
         Totp::new(&self.base32, self.step, Some(self.digits), algorithm)
     }
@@ -178,9 +179,10 @@ impl Provision {
 
     /// Writes `DIR/ID.json` and `DIR/ID.js`, mode 0600; returns their paths.
     pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-        crate::store::refuse_foreign_dir(dir)?;
+        refuse_foreign_dir(dir)?;
         create_private_dir(dir)?;
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Usage(e.to_string()))?;
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Encode(format!("provisioning file: {e}")))?;
         let json_path = dir.join(format!("{}.json", self.id()));
         let js_path = dir.join(format!("{}.js", self.id()));
         write_private(&json_path, format!("{json}\n").as_bytes(), 0o600)?;

@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use support::{Reply, TestRelay};
 use taas::Config;
 use taas::label::{self, Entry};
-use taas::server::{Route, route};
+use taas::route::{Route, route};
 
 /// Arbitrary text biased toward the characters the grammars care about.
 fn texty() -> impl Strategy<Value = String> {

@@ -139,7 +139,7 @@ impl TestRelay {
 
     /// The relay's validated config.
     pub fn config(&self) -> &Config {
-        &self.server.shared().config
+        self.server.config()
     }
 
     /// `taas users add LABEL` against this relay's config; returns the file.
@@ -178,7 +178,7 @@ impl TestRelay {
         let mut text = Vec::new();
         match &self.cert_pem {
             Some(pem) => {
-                let cfg = taas::cert::client_config(Some(pem)).unwrap();
+                let cfg = taas::tls::client_config(Some(pem)).unwrap();
                 let name = sni.split(':').next().unwrap().to_string();
                 let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
                 let conn = rustls::ClientConnection::new(cfg, server_name).unwrap();
@@ -231,11 +231,7 @@ impl TestRelay {
 
     /// Responders waiting for `label` now.
     pub fn waiting(&self, label: &str) -> usize {
-        self.server
-            .shared()
-            .labels
-            .get(label)
-            .map_or(0, |l| l.waiting())
+        self.server.snapshot().label(label).map_or(0, |l| l.waiting)
     }
 
     /// `GET /` on LABEL's host: the 307's rendezvous address, or the reply.
@@ -421,7 +417,7 @@ pub fn socket_pair() -> (TcpStream, TcpStream) {
 
 /// The rustls client config trusting `pem` (for tests that speak TLS themselves).
 pub fn client_tls(pem: &str) -> Arc<rustls::ClientConfig> {
-    taas::cert::client_config(Some(pem)).unwrap()
+    taas::tls::client_config(Some(pem)).unwrap()
 }
 
 // Helpers for the registrar, rendezvous and hostile tests.
@@ -538,9 +534,7 @@ pub fn send(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) {
 pub fn metric(relay: &TestRelay, name: &str) -> u64 {
     relay
         .server
-        .shared()
-        .metrics
-        .render(&[])
+        .metrics()
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
