@@ -222,23 +222,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_fixed_label_value_is_exported_at_zero() {
+    fn fixed_label_sets_are_exported_at_zero_from_the_start() {
+        let text = Metrics::default().render(&[], 0);
+        for limit in Limit::ALL {
+            let row = format!("taas_refusals_total{{limit=\"{limit}\"}} 0");
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        for result in Registration::ALL {
+            let row = format!("taas_registrations_total{{result=\"{}\"}} 0", result.name());
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        for (status, _) in STATUSES {
+            let row = format!("taas_requests_total{{status=\"{status}\"}} 0");
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        assert!(text.lines().any(|l| l == "taas_pairs_idle_closed_total 0"));
+        // A count shows in its own row only.
         let m = Metrics::default();
         m.refused(Limit::MaxWaiting);
-        let text = m.render(&[], 0);
-        for l in Limit::ALL {
-            let want = u64::from(*l == Limit::MaxWaiting);
-            let line = format!("taas_refusals_total{{limit=\"{l}\"}} {want}\n");
-            assert!(text.contains(&line), "{line}");
-        }
-        for r in Registration::ALL {
-            let line = format!("taas_registrations_total{{result=\"{}\"}} 0\n", r.name());
-            assert!(text.contains(&line), "{line}");
-        }
-        for (s, _) in STATUSES {
-            assert!(text.contains(&format!("taas_requests_total{{status=\"{s}\"}} 0\n")));
-        }
-        assert!(text.contains("taas_pairs_idle_closed_total 0\n"));
-        assert!(text.contains("taas_pairs_active 0\n"));
+        let text = m.render(&[], 1);
+        assert!(text.contains("taas_refusals_total{limit=\"max_waiting\"} 1\n"));
+        assert!(text.contains("taas_refusals_total{limit=\"pair_wait\"} 0\n"));
+        assert!(text.contains("taas_pairs_active 1\n"));
     }
 }

@@ -118,8 +118,9 @@ impl Drop for PairPermit {
 pub struct Snapshot {
     /// Every label a registration created, by name.
     pub labels: Vec<LabelCounts>,
-    /// Pairs relaying, and mobile connections waiting for a responder.
-    pub pairs: usize,
+    /// Pair slots held: pairs relaying, and mobile connections waiting for a
+    /// responder (what `max_pairs` counts).
+    pub pair_slots: usize,
     /// Pairs relaying.
     pub pairs_active: usize,
     /// Connections open on the well-known port.
@@ -243,7 +244,7 @@ impl Shared {
         labels.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
             labels,
-            pairs: self.pairs.count(),
+            pair_slots: self.pairs.count(),
             pairs_active: self.pairs.active(),
             conns_open: self.conns.open(),
             uptime_seconds: self.started.elapsed().as_secs(),

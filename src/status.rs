@@ -83,7 +83,10 @@ fn status_json(shared: &Shared) -> String {
         "version": crate::version(),
         "uptime_seconds": snap.uptime_seconds,
         "labels": labels,
+        // The same figure as /metrics' taas_pairs_active: pairs relaying now.
         "pairs_active": snap.pairs_active,
+        // Pair slots held, mobiles waiting for their first octet included.
+        "pair_slots": snap.pair_slots,
         "limits": {
             "max_connections": c.max_connections,
             "max_connections_per_ip": c.max_connections_per_ip,

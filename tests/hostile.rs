@@ -355,7 +355,7 @@ fn a_hundred_pairings_leak_no_descriptor_or_thread() {
     let p = relay.add_account("demo");
     // The first pairing opens the rendezvous port and its thread: not a leak.
     pair_once(&relay, &p, 0);
-    let pairs = || relay.server.snapshot().pairs;
+    let pairs = || relay.server.snapshot().pair_slots;
     assert!(wait_until(LIMIT, || pairs() == 0));
     let (fds, threads) = steady_counts();
     for i in 0..100 {
@@ -437,7 +437,7 @@ fn silent_connections_at_a_rendezvous_port_do_not_shut_the_label_out() {
     let silent: Vec<TcpStream> = (0..12)
         .map(|_| support::connect_from(attacker, q).unwrap())
         .collect();
-    let pairs = || relay.server.snapshot().pairs;
+    let pairs = || relay.server.snapshot().pair_slots;
     assert!(
         wait_until(LIMIT, || pairs() == 12),
         "the relay holds the silent connections"
@@ -571,7 +571,7 @@ fn a_stalled_redis_leaves_mobiles_served_and_registrations_answered() {
         "registrations work again once Redis answers"
     );
     drop((mobile, hidden));
-    assert!(wait_until(LIMIT, || relay.server.snapshot().pairs == 0));
+    assert!(wait_until(LIMIT, || relay.server.snapshot().pair_slots == 0));
     assert_counts_settle(fds, threads + 2);
 }
 

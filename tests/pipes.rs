@@ -34,7 +34,7 @@ fn an_idle_pair_holds_no_pipe_until_octets_flow() {
     assert!(wait_until(Duration::from_secs(10), || relay
         .server
         .snapshot()
-        .pairs
+        .pair_slots
         == 1));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(pipes(), base, "a silent connection holds no pipe");

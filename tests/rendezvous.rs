@@ -75,7 +75,7 @@ fn refusals(relay: &TestRelay, limit: &str) -> u64 {
 
 /// Pairs the relay holds now.
 fn pairs(relay: &TestRelay) -> usize {
-    relay.server.snapshot().pairs
+    relay.server.snapshot().pair_slots
 }
 
 /// A relay started with `config`, account `demo` with one responder waiting,
