@@ -63,7 +63,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::http::{self, DeadlineStream, Response, Serving, WRITE_TIMEOUT};
+use crate::http::{self, DeadlineStream, Head, Response, Serving, WRITE_TIMEOUT};
 use crate::label;
 use crate::provision::Provision;
 use crate::store::{Account, Store};
@@ -197,26 +197,24 @@ pub fn run(config: Config, addr: SocketAddr, public: bool) -> Result<()> {
     Ok(())
 }
 
-/// A request, as far as the admin needs it.
+/// A request: its head, and its body (`Content-Length` bytes, at most
+/// `MAX_BODY`).
 #[derive(Debug, Default)]
 struct Request {
-    /// The method.
-    method: String,
-    /// The path, without the query.
-    path: String,
-    /// `Host`.
-    host: Option<String>,
-    /// `Origin`.
-    origin: Option<String>,
-    /// `Sec-Fetch-Site` (browsers send it on every request).
-    fetch_site: Option<String>,
-    /// `X-Taas-Token` (never logged).
-    token: Option<String>,
-    /// `Content-Type`.
-    content_type: Option<String>,
-    /// The body (`Content-Length` bytes, at most `MAX_BODY`).
+    /// The head; `ONE_EACH` fields appear at most once.
+    head: Head,
+    /// The body.
     body: Vec<u8>,
 }
+
+/// Header fields the page reads, refused when sent twice.
+const ONE_EACH: [&str; 5] = [
+    "origin",
+    "sec-fetch-site",
+    "x-taas-token",
+    "content-type",
+    "content-length",
+];
 
 /// An answer that is an error: status and words for the page.
 #[derive(Debug)]
@@ -258,7 +256,10 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
             let response = answer(state, &req).unwrap_or_else(|f| error_response(&f));
             let line = format!(
                 "admin {} {} from {peer}: {} {}",
-                req.method, req.path, response.status, response.note
+                req.head.method,
+                req.head.path(),
+                response.status,
+                response.note
             );
             if response.status < 400 {
                 log::info!("{line}");
@@ -301,20 +302,16 @@ fn linger(mut io: DeadlineStream) {
 /// capped at `MAX_BODY`) under the connection's deadline.
 fn read_request(r: &mut impl Read) -> Result<Request> {
     let head = http::read_head(r, MAX_ADMIN_HEAD)?;
-    let one = |name: &str| -> Result<Option<String>> {
-        let mut values = head.field(name);
-        let first = values.next().map(str::to_string);
-        match values.next() {
-            Some(_) => Err(Error::BadRequest(format!("more than one {name} header"))),
-            None => Ok(first),
-        }
-    };
-    if head.field("transfer-encoding").next().is_some() {
+    let sent = |name: &str| head.fields.iter().filter(|(n, _)| n == name).count();
+    if let Some(name) = ONE_EACH.iter().find(|n| sent(n) > 1) {
+        return Err(Error::BadRequest(format!("more than one {name} header")));
+    }
+    if sent("transfer-encoding") > 0 {
         return Err(Error::BadRequest(
             "Transfer-Encoding is not accepted; send Content-Length".into(),
         ));
     }
-    let length: usize = match one("content-length")? {
+    let length: usize = match head.field("content-length") {
         Some(n) => n
             .parse()
             .map_err(|_| Error::BadRequest("Content-Length is not a number".into()))?,
@@ -325,23 +322,14 @@ fn read_request(r: &mut impl Read) -> Result<Request> {
             "a body of {length} bytes is over the limit of {MAX_BODY}"
         )));
     }
-    let mut req = Request {
-        path: head.path().to_string(),
-        method: head.method.clone(),
-        host: head.host.clone(),
-        origin: one("origin")?,
-        fetch_site: one("sec-fetch-site")?,
-        token: one("x-taas-token")?,
-        content_type: one("content-type")?,
-        body: head.rest.clone(),
-    };
     // What came with the head, then the rest of `Content-Length`.
-    req.body.truncate(length);
-    let have = req.body.len();
-    req.body.resize(length, 0);
-    r.read_exact(&mut req.body[have..])
+    let mut body = head.rest.clone();
+    body.truncate(length);
+    let have = body.len();
+    body.resize(length, 0);
+    r.read_exact(&mut body[have..])
         .map_err(|e| Error::io("body", e))?;
-    Ok(req)
+    Ok(Request { head, body })
 }
 
 /// The headers of every answer (see the module doc).
@@ -377,7 +365,7 @@ fn error_response(f: &Failure) -> Response {
 
 /// Checks the request and routes it.
 fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
-    let host = req.host.as_deref().unwrap_or("");
+    let host = req.head.host.as_deref().unwrap_or("");
     if !state.host_allowed(host) {
         return Err(Failure::forbidden(format!(
             "Host {:?} is not this admin page's address (http://{}/ or http://localhost:{}/)",
@@ -386,10 +374,10 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
             state.addr.port()
         )));
     }
-    let Some(api) = req.path.strip_prefix("/api/") else {
+    let Some(api) = req.head.path().strip_prefix("/api/") else {
         return page(state, req);
     };
-    if let Some(origin) = &req.origin
+    if let Some(origin) = req.head.field("origin")
         && !origin.eq_ignore_ascii_case(&format!("http://{host}"))
     {
         return Err(Failure::forbidden(format!(
@@ -397,7 +385,7 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
             origin.chars().take(100).collect::<String>()
         )));
     }
-    if let Some(site) = &req.fetch_site
+    if let Some(site) = req.head.field("sec-fetch-site")
         && site != "same-origin"
         && site != "none"
     {
@@ -407,8 +395,8 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         )));
     }
     let token_ok = req
-        .token
-        .as_deref()
+        .head
+        .field("x-taas-token")
         .is_some_and(|t| bool::from(t.as_bytes().ct_eq(state.token.as_bytes())));
     if !token_ok {
         return Err(Failure::forbidden(format!(
@@ -416,7 +404,7 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         )));
     }
     let segments: Vec<&str> = api.split('/').collect();
-    match (req.method.as_str(), segments.as_slice()) {
+    match (req.head.method.as_str(), segments.as_slice()) {
         ("GET", ["accounts"]) => list(state),
         ("POST", ["accounts"]) => create(state, req),
         (_, ["accounts"]) => Err(not_allowed("GET, POST")),
@@ -438,7 +426,10 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
                 "secret" | "provision.json" | "provision.js" | "qr.svg",
             ],
         ) => Err(not_allowed("GET")),
-        _ => Err(Failure::new(404, format!("no such endpoint: {}", req.path))),
+        _ => Err(Failure::new(
+            404,
+            format!("no such endpoint: {}", req.head.path()),
+        )),
     }
 }
 
@@ -493,7 +484,7 @@ impl State {
 
 /// The static files; the page gets the token and the relay's names.
 fn page(state: &State, req: &Request) -> Result<Response, Failure> {
-    let (content_type, body) = match req.path.as_str() {
+    let (content_type, body) = match req.head.path() {
         "/" | "/index.html" => {
             let c = &state.config;
             let html = INDEX_HTML
@@ -509,9 +500,14 @@ fn page(state: &State, req: &Request) -> Result<Response, Failure> {
         }
         "/app.js" => ("text/javascript; charset=utf-8", APP_JS.to_string()),
         "/app.css" => ("text/css; charset=utf-8", APP_CSS.to_string()),
-        _ => return Err(Failure::new(404, format!("no such page: {}", req.path))),
+        _ => {
+            return Err(Failure::new(
+                404,
+                format!("no such page: {}", req.head.path()),
+            ));
+        }
     };
-    if req.method != "GET" {
+    if req.head.method != "GET" {
         return Err(not_allowed("GET"));
     }
     Ok(body_response(200, content_type, body.into_bytes()))
@@ -540,8 +536,8 @@ fn summary(a: &Account) -> Value {
 /// The JSON body of a POST.
 fn json_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Failure> {
     let json = req
-        .content_type
-        .as_deref()
+        .head
+        .field("content-type")
         .and_then(|t| t.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
     if !json {
@@ -778,8 +774,8 @@ mod tests {
         let mut r = BufReader::new(&raw[..]);
         let req = read_request(&mut r).unwrap();
         assert_eq!(req.body, b"{\"label\":\"demo\"}");
-        assert_eq!(req.origin.as_deref(), Some("http://h"));
-        assert_eq!(req.token.as_deref(), Some("t"));
+        assert_eq!(req.head.field("origin"), Some("http://h"));
+        assert_eq!(req.head.field("x-taas-token"), Some("t"));
         let big = format!(
             "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
             MAX_BODY + 1

@@ -1,19 +1,16 @@
-//! Counters for operators (`GET /metrics` in the Prometheus text format), kept with
-//! atomics and small maps so the hot relay path only adds to integers.
+//! Counters for operators (`GET /metrics` in the Prometheus text format), kept in
+//! atomics so the hot relay path only adds to integers.
 //!
 //! Invariants: every label value is one of a fixed set chosen in the code
-//! (`Registration`, `http::STATUSES`, `Limit`), never a peer's string, so the maps
-//! stay small; every value of those sets is exported from the start, at 0, so a
+//! (`Registration`, `http::STATUSES`, `Limit`: one counter each), never a peer's
+//! string; every value of those sets is exported from the start, at 0, so a
 //! first event is not lost to `rate()`.
 
-use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::http::STATUSES;
 use crate::limits::{Limit, named_set};
-use crate::sys::lock;
 
 named_set! {
     /// How a registration (or a pairings request) ended, as `/metrics` counts it.
@@ -38,12 +35,12 @@ named_set! {
 /// The relay's counters.
 #[derive(Default)]
 pub struct Metrics {
-    /// Registrations by result.
-    registrations: Mutex<BTreeMap<&'static str, u64>>,
-    /// Requests on the well-known port by status.
-    requests: Mutex<BTreeMap<u16, u64>>,
-    /// Refusals by the limit that caused them.
-    refusals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Registrations by result, in `Registration::ALL`'s order.
+    registrations: [AtomicU64; Registration::ALL.len()],
+    /// Requests on the well-known port by status, in `STATUSES`' order.
+    requests: [AtomicU64; STATUSES.len()],
+    /// Refusals by the limit that caused them, in `Limit::ALL`'s order.
+    refusals: [AtomicU64; Limit::ALL.len()],
     /// Pairs opened.
     pairs_opened: AtomicU64,
     /// Pairs closed.
@@ -62,41 +59,34 @@ pub struct Metrics {
     rendezvous_open: AtomicI64,
 }
 
-fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
-    *lock(map).entry(key).or_insert(0) += 1;
-}
-
-/// The rows `{key="value"} count` of every value of a fixed set, 0 for those
-/// not yet counted.
-fn rows<K: Ord + Display>(
+/// The rows `{key="value"} count` of a fixed set's values and their counters.
+fn rows(
     key: &str,
-    map: &Mutex<BTreeMap<K, u64>>,
-    all: impl Iterator<Item = K>,
+    values: impl Iterator<Item = impl Display>,
+    counts: &[AtomicU64],
 ) -> Vec<(String, u64)> {
-    let map = lock(map);
-    all.map(|k| {
-        (
-            format!("{{{key}=\"{k}\"}}"),
-            map.get(&k).copied().unwrap_or(0),
-        )
-    })
-    .collect()
+    values
+        .zip(counts)
+        .map(|(k, n)| (format!("{{{key}=\"{k}\"}}"), n.load(Relaxed)))
+        .collect()
 }
 
 impl Metrics {
     /// A registration ended with `result`.
     pub fn registration(&self, result: Registration) {
-        bump(&self.registrations, result.name());
+        self.registrations[result as usize].fetch_add(1, Relaxed);
     }
     /// A request on the well-known port was answered `status` (one of
     /// `http::STATUSES`; any other is counted as the 500 it is answered as).
     pub fn request(&self, status: u16) {
-        let known = STATUSES.iter().any(|(s, _)| *s == status);
-        bump(&self.requests, if known { status } else { 500 });
+        let at = |status| STATUSES.iter().position(|(s, _)| *s == status);
+        if let Some(i) = at(status).or_else(|| at(500)) {
+            self.requests[i].fetch_add(1, Relaxed);
+        }
     }
     /// A newcomer was refused by `limit`.
     pub fn refused(&self, limit: Limit) {
-        bump(&self.refusals, limit.name());
+        self.refusals[limit as usize].fetch_add(1, Relaxed);
     }
     /// A pair was closed by `idle_timeout` (also counted by `pair_closed`).
     pub fn pair_idle_closed(&self) {
@@ -161,21 +151,21 @@ impl Metrics {
             "Registrations by result.",
             rows(
                 "result",
-                &self.registrations,
                 Registration::ALL.iter().map(|r| r.name()),
+                &self.registrations,
             ),
         );
         family(
             "taas_requests_total",
             "counter",
             "Requests on the well-known port by status.",
-            rows("status", &self.requests, STATUSES.iter().map(|s| s.0)),
+            rows("status", STATUSES.iter().map(|s| s.0), &self.requests),
         );
         family(
             "taas_refusals_total",
             "counter",
             "Newcomers refused, by limit.",
-            rows("limit", &self.refusals, Limit::ALL.iter().map(|l| l.name())),
+            rows("limit", Limit::ALL.iter(), &self.refusals),
         );
         for (name, value, help) in counters {
             family(&format!("taas_{name}_total"), "counter", help, one(value));
