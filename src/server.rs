@@ -765,12 +765,11 @@ impl HasDeadline for &mut rustls::StreamOwned<rustls::ServerConnection, Deadline
 
 /// `taas serve`: first-start set-up, the relay, signals, a graceful stop.
 pub fn run(config: Config) -> Result<()> {
-    if crate::cert::ensure_default(&config)? {
-        log::info!(
-            "first start: made a self-signed certificate {} for {}",
-            config.cert.display(),
-            crate::cert::subject_alt_names(&config).join(", ")
-        );
+    // The CA key is read here at most once, to sign the registrar's
+    // certificate at a first start, and dropped before the relay binds.
+    let made = crate::cert::ensure_default(&config)?;
+    if made.any() {
+        log::info!("first start: made {}", made.describe(&config));
     }
     if !config.tls {
         log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");

@@ -36,7 +36,7 @@ impl Page {
         let d = dir.path().display();
         let config = Config::from_toml(
             &format!(
-                "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+                "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
             ),
             "test",
         )
@@ -304,9 +304,10 @@ fn secret_and_provisioning_need_the_token() {
     assert_eq!(prov.id(), id);
     assert_eq!(prov.base32, base32);
     assert_eq!(prov.labels, ["demo"]);
+    // server.ca: the relay's CA, which signed the registrar's certificate.
     assert_eq!(
         prov.server.ca.as_deref(),
-        Some(std::fs::read_to_string(&p.config.cert).unwrap().as_str())
+        Some(std::fs::read_to_string(&p.config.ca_cert).unwrap().as_str())
     );
 
     let r = p.get_with_token(&format!("/api/accounts/{id}/provision.js"));

@@ -362,7 +362,7 @@ fn the_page_in_a_real_browser() {
     let d = dir.path().display();
     let config = Config::from_toml(
         &format!(
-            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
         ),
         "test",
     )
