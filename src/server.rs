@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -58,8 +58,10 @@ pub struct Shared {
     pub store: Store,
     /// Throttle and replay rule.
     pub guard: Guard,
-    /// TLS for the well-known port, unless `tls = false`.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for the well-known port, unless `tls = false`. Each connection takes
+    /// the current one at accept; SIGHUP swaps in a new one (`reload_tls`), so
+    /// connections already open keep theirs.
+    tls: Option<RwLock<Arc<rustls::ServerConfig>>>,
     /// Per-label pools, rendezvous ports and records.
     pub labels: Labels,
     /// Relayed pairs, for the limit and for shutdown.
@@ -77,6 +79,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The TLS configuration new connections get, unless `tls = false`.
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls
+            .as_ref()
+            .map(|t| t.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Re-reads `cert` and `key` (through symlinks, as certbot's `live/` files
+    /// are) for the connections accepted from now on. On an error the current
+    /// certificate stays and the error says why; with `tls = false` nothing
+    /// happens. Waiting responders and live pairs are not touched: they hold no
+    /// TLS state of the well-known port.
+    pub fn reload_tls(&self) -> Result<bool> {
+        let Some(slot) = &self.tls else {
+            return Ok(false);
+        };
+        let fresh = crate::cert::server_config(&self.config.cert, &self.config.key)?;
+        *slot.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(true)
+    }
+
     /// Connections open now on the well-known port.
     pub fn conns_open(&self) -> usize {
         lock(&self.conns.open).0
@@ -397,7 +420,10 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server> {
         let store = Store::open(&config.store)?;
         let tls = if config.tls {
-            Some(crate::cert::server_config(&config.cert, &config.key)?)
+            Some(RwLock::new(crate::cert::server_config(
+                &config.cert,
+                &config.key,
+            )?))
         } else {
             None
         };
@@ -603,8 +629,8 @@ fn handle_conn(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, head_time
         inner: tcp,
         deadline: Instant::now() + head_timeout,
     };
-    let done = match &shared.tls {
-        Some(tls) => serve_tls(shared, tls.clone(), io, peer),
+    let done = match shared.tls_config() {
+        Some(tls) => serve_tls(shared, tls, io, peer),
         None => serve(shared, io, peer),
     };
     if let Err(e) = done {
@@ -790,8 +816,12 @@ pub fn run(config: Config) -> Result<()> {
     );
     log_accounts(&server.shared.store);
     // Accounts are read from the store at each registration; SIGHUP re-reads
-    // it now, so the operator sees at once whether an edit took.
-    wait_for_signal(|| log_accounts(&server.shared.store))?;
+    // it now, so the operator sees at once whether an edit took, and re-reads
+    // the certificate (a certbot deploy hook runs `systemctl reload taas`).
+    wait_for_signal(|| {
+        log_accounts(&server.shared.store);
+        reload_certificate(&server.shared);
+    })?;
     log::info!(
         "stopping: live pairs have {} s to finish",
         grace.as_secs_f64()
@@ -812,6 +842,20 @@ fn raise_fd_limit() {
         },
         Ok((soft, _)) => log::info!("open files limit {soft}"),
         Err(e) => log::warn!("open files limit unknown: {e}"),
+    }
+}
+
+/// SIGHUP: the certificate for new connections, or why the old one stays.
+fn reload_certificate(shared: &Shared) {
+    let c = &shared.config;
+    match shared.reload_tls() {
+        Ok(true) => log::info!(
+            "SIGHUP: certificate {} and key {} re-read; new connections get them",
+            c.cert.display(),
+            c.key.display()
+        ),
+        Ok(false) => {}
+        Err(e) => log::warn!("SIGHUP: keeping the certificate loaded before: {e}"),
     }
 }
 
