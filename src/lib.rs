@@ -5,8 +5,9 @@
 //!
 //! 1. `server`: one blocking listener on the well-known port. The accept loop only
 //!    counts (limits) and spawns a thread per connection.
-//! 2. In that thread: the TLS handshake (`cert` made the rustls config) and the
-//!    request head (`http`), under one deadline and a size cap.
+//! 2. In that thread: the TLS handshake (`cert` made the rustls config; SIGHUP
+//!    swaps in a new one for later connections) and the request head (`http`),
+//!    under one deadline and a size cap.
 //! 3. `server::route` sends the head by its `Host` to the registrar or to a label.
 //! 4. `registrar`: `PUT /register/LABEL` — `auth` parses `Authorization: TOTP`,
 //!    checks the throttle, looks the ID up in `store`, verifies the token
@@ -20,7 +21,8 @@
 //! Around it: `config` (the validated TOML), `error` (one enum, one status
 //! mapping), `label` (DNS label rules), `logging`, `metrics` and `status` (for
 //! operators), and the operator tools on top of the core: `provision`
-//! (provisioning files), `cert` (certificates), `agent` (the hidden side).
+//! (provisioning files), `cert` (the relay's name-constrained CA and the
+//! certificates it issues), `agent` (the hidden side).
 #![forbid(unsafe_code)]
 
 pub mod admin;
