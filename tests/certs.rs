@@ -380,7 +380,7 @@ fn sighup_serves_a_new_certificate_to_the_next_connection_and_keeps_pairs() {
     hidden
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let q = rendezvous_port(&ca_pem, port).expect("a 307");
+    let q = wait_for_307(&ca_pem, port);
     let mut mobile = TcpStream::connect(("127.0.0.1", q)).unwrap();
     mobile
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -423,7 +423,7 @@ fn sighup_serves_a_new_certificate_to_the_next_connection_and_keeps_pairs() {
     mobile.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"and back");
     // The responder that waited through the reload is paired with a new mobile.
-    let q = rendezvous_port(&ca_pem, port).expect("a 307 after the reload");
+    let q = wait_for_307(&ca_pem, port);
     let mut late = TcpStream::connect(("127.0.0.1", q)).unwrap();
     late.write_all(b"late").unwrap();
     let mut buf = [0u8; 4];
@@ -454,6 +454,20 @@ fn sighup_serves_a_new_certificate_to_the_next_connection_and_keeps_pairs() {
     hidden.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"still");
     drop(child);
+}
+
+/// The rendezvous port of the first 307 for `demo`, once the relay has put the
+/// responder just connected in the pool.
+fn wait_for_307(ca_pem: &str, port: u16) -> u16 {
+    let mut q = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            q = rendezvous_port(ca_pem, port);
+            q.is_some()
+        }),
+        "no 307 for demo"
+    );
+    q.unwrap()
 }
 
 /// The rendezvous port from a 307 for `demo` of the relay on `port`, if any.
