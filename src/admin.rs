@@ -18,7 +18,7 @@
 //! | --- | --- |
 //! | `GET /`, `/app.js`, `/app.css` | the page (no token needed: it carries one) |
 //! | `GET /api/accounts` | `{ "accounts": [ACCOUNT, ..] }`, ordered by ID |
-//! | `POST /api/accounts` `{ "label": L, "id"?: UUID }` | `{ "account": ACCOUNT }`; 409 when the ID exists or another account owns L |
+//! | `POST /api/accounts` `{ "label": L, "id"?: UUID }` | `{ "account": ACCOUNT, "certificate": CERT }`; 409 when the ID exists or another account owns L |
 //! | `DELETE /api/accounts/ID` | `{ "deleted": ID }`; 404 when there is none |
 //! | `POST /api/accounts/ID/labels` `{ "label": L }` | `{ "account": ACCOUNT }`; 409 when another account owns L |
 //! | `DELETE /api/accounts/ID/labels/L` | `{ "account": ACCOUNT }`; 409 for the last label |
@@ -26,6 +26,13 @@
 //! | `GET /api/accounts/ID/provision.json` | the provisioning file `ID.json` (attachment) |
 //! | `GET /api/accounts/ID/provision.js` | the legacy `ID.js` (attachment, `text/plain`) |
 //! | `GET /api/accounts/ID/qr.svg` | the `otpauth://` URI as a QR code, SVG drawn here |
+//! | `POST /api/accounts/ID/certificate` | `{ "certificate": CERT }`: a new label certificate and key |
+//!
+//! CERT is `{ "names": [LABEL.servers_domain, ..], "cert": PEM, "key": PEM }`,
+//! the label certificate the relay's CA issues for every label of the account
+//! and its new key (the page offers them as `ID.crt` and `ID.key`); it is
+//! `null` when the relay runs without TLS and has no CA. The key is made for
+//! this answer and kept nowhere else: a POST, since each one makes a new key.
 //!
 //! # Safety (docs/PROTOCOL.md section 5: "admin requests need a same-origin token")
 //!
@@ -418,6 +425,8 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         ("GET", ["accounts", id, "provision.json"]) => provision(state, id, false),
         ("GET", ["accounts", id, "provision.js"]) => provision(state, id, true),
         ("GET", ["accounts", id, "qr.svg"]) => qr(state, id),
+        ("POST", ["accounts", id, "certificate"]) => certificate(state, id),
+        (_, ["accounts", _, "certificate"]) => Err(not_allowed("POST")),
         (
             _,
             [
@@ -576,23 +585,30 @@ struct NewLabel {
     label: String,
 }
 
-/// Creates an account as `taas users add` does: the certificate first (the
-/// provisioning file carries it), then the record.
+/// Creates an account as `taas users add` does: the CA and the registrar's
+/// certificate first (the provisioning file carries them), the label
+/// certificate, then the record.
 fn create(state: &State, req: &Request) -> Result<Response, Failure> {
     let body: NewAccount = json_body(req)?;
     let id = body.id.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let account = Account::new(id, &[body.label.trim().to_string()])?;
     state.config.check_account(&account)?;
-    if crate::cert::ensure_default(&state.config)? {
-        log::info!(
-            "made a self-signed certificate {}",
-            state.config.cert.display()
-        );
+    let made = crate::cert::ensure_default(&state.config)?;
+    if made.any() {
+        log::info!("made {}", made.describe(&state.config));
     }
-    // Built before the insert, so a failure leaves no account without its file.
+    // Built before the insert, so a failure leaves no account without its files.
     Provision::new(&account, &state.config)?;
+    let issued = if crate::cert::issues_label_certs(&state.config) {
+        Some(crate::cert::issue_label_cert(&state.config, &account)?)
+    } else {
+        None
+    };
     state.store.insert(&account)?;
-    let mut r = json_response(&json!({ "account": summary(&account) }));
+    let mut r = json_response(&json!({
+        "account": summary(&account),
+        "certificate": issued.as_ref().map(certificate_json),
+    }));
     r.note = format!(
         "created account {} owning {}",
         account.uuid, account.labels[0]
@@ -691,6 +707,29 @@ fn provision(state: &State, id: &str, legacy: bool) -> Result<Response, Failure>
         format!("attachment; filename=\"{name}\""),
     ));
     r.note = format!("provisioning file {name}");
+    Ok(r)
+}
+
+/// CERT of the module doc (the key included: the answer is `no-store`).
+fn certificate_json(issued: &crate::cert::Issued) -> Value {
+    json!({
+        "names": issued.names,
+        "cert": issued.cert_pem,
+        "key": issued.key_pem,
+    })
+}
+
+/// `POST /api/accounts/ID/certificate`: a new label certificate and key from the
+/// relay's CA.
+fn certificate(state: &State, id: &str) -> Result<Response, Failure> {
+    let account = state.account(id)?;
+    let issued = crate::cert::issue_label_cert(&state.config, &account)?;
+    let mut r = json_response(&json!({ "certificate": certificate_json(&issued) }));
+    r.note = format!(
+        "label certificate for {} issued to account {}",
+        issued.names.join(","),
+        account.uuid
+    );
     Ok(r)
 }
 

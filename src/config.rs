@@ -47,6 +47,13 @@ pub struct Config {
     /// True when `cert` and `key` are both the defaults: then they are generated on
     /// first start when absent.
     pub cert_is_default: bool,
+    /// PEM certificate of the relay's name-constrained CA (what mobile clients
+    /// trust; provisioning files carry it in `server.ca`).
+    pub ca_cert: PathBuf,
+    /// PEM private key of the relay's CA: read only by the tools that issue
+    /// certificates (`taas cert`, `taas users`, `taas admin`) and by `taas serve`
+    /// at a first start that makes the registrar's certificate.
+    pub ca_key: PathBuf,
     /// `false` serves plain HTTP on the well-known port.
     pub tls: bool,
     /// Where accounts live.
@@ -130,6 +137,10 @@ struct RawConfig {
     cert: Option<PathBuf>,
     /// `key`, as written.
     key: Option<PathBuf>,
+    /// `ca_cert`, as written.
+    ca_cert: Option<PathBuf>,
+    /// `ca_key`, as written.
+    ca_key: Option<PathBuf>,
     /// `tls`, as written.
     tls: Option<bool>,
     /// `store`, as written.
@@ -319,6 +330,8 @@ impl Config {
             cert: raw.cert.unwrap_or_else(|| data.join("registrar.crt")),
             key: raw.key.unwrap_or_else(|| data.join("registrar.key")),
             cert_is_default,
+            ca_cert: raw.ca_cert.unwrap_or_else(|| data.join("ca.crt")),
+            ca_key: raw.ca_key.unwrap_or_else(|| data.join("ca.key")),
             tls: raw.tls.unwrap_or(true),
             store,
             port_range,
@@ -484,6 +497,8 @@ mod tests {
         assert_eq!(c.plug_timeout, Duration::from_secs(30));
         assert!(c.cert_is_default && c.tls && c.plug_same_ip);
         assert_eq!(c.cert, Path::new("taas-data/registrar.crt"));
+        assert_eq!(c.ca_cert, Path::new("taas-data/ca.crt"));
+        assert_eq!(c.ca_key, Path::new("taas-data/ca.key"));
     }
 
     #[test]

@@ -168,6 +168,22 @@ pub enum Error {
     BadAnswer(String),
     /// TLS set-up or handshake failed.
     Tls(String),
+    /// A file of the relay's CA (`ca_cert` or `ca_key`) is absent where a
+    /// certificate must be issued.
+    CaMissing {
+        /// The absent file.
+        path: PathBuf,
+    },
+    /// The relay's CA would not vouch for these names (outside its name
+    /// constraints), or `ca_cert` and `ca_key` do not belong together.
+    CaRefused {
+        /// The CA certificate.
+        ca: PathBuf,
+        /// The names asked for.
+        names: Vec<String>,
+        /// What the check said.
+        reason: String,
+    },
     /// Network I/O failed in the named phase.
     Io {
         /// What was being done.
@@ -355,6 +371,17 @@ impl fmt::Display for Error {
             Error::Limit(which) => write!(f, "limit reached: {which}"),
             Error::BadAnswer(why) => write!(f, "malformed HTTP answer: {why}"),
             Error::Tls(why) => write!(f, "TLS: {why}"),
+            Error::CaMissing { path } => write!(
+                f,
+                "the relay's CA file {} is missing: run `taas cert` to make the CA (it keeps an existing registrar certificate)",
+                path.display()
+            ),
+            Error::CaRefused { ca, names, reason } => write!(
+                f,
+                "the relay's CA {} cannot issue a certificate for {}: {reason}",
+                ca.display(),
+                names.join(", ")
+            ),
             Error::Io { phase, err } => write!(f, "{phase}: {err}"),
             Error::Listen { what, addr, err } => write!(f, "cannot listen on {what} {addr}: {err}"),
             Error::Encode(why) => write!(f, "cannot encode {why}"),

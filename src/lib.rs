@@ -6,8 +6,9 @@
 //!
 //! 1. `server`: one blocking listener on the well-known port. The accept loop only
 //!    counts (`limits`) and spawns a thread per connection.
-//! 2. In that thread: the TLS handshake (`tls`) and the request head (`http`),
-//!    under one deadline and a size cap.
+//! 2. In that thread: the TLS handshake (`tls`; SIGHUP swaps in a new
+//!    configuration for later connections) and the request head (`http`), under
+//!    one deadline and a size cap.
 //! 3. `route` sends the head by its `Host` to the registrar or to a label.
 //! 4. `registrar`: `PUT /register/LABEL` — `auth` parses `Authorization: TOTP`,
 //!    checks the throttle, looks the ID up in `store`, verifies the token
@@ -23,7 +24,10 @@
 //! (one enum, one status mapping), `label` (DNS label rules), `limits` (every
 //! limit named once), `logging`, `metrics`, and `sys` (threads, sockets, random
 //! bytes, private files, signals: the bottom layer, importing nothing of the
-//! crate). `status` serves `/metrics`, `/status` and `/ready` to operators.
+//! crate). `status` serves `/metrics`, `/status` and `/ready` to operators. On
+//! top, the operator tools: `provision` (provisioning files), `cert` (the
+//! relay's name-constrained CA and the certificates it issues), `admin` (the
+//! accounts page), `agent` (the hidden side).
 //!
 //! # Layers
 //!

@@ -91,11 +91,13 @@ struct Users {
 #[argh(subcommand)]
 enum UsersCommand {
     Add(UsersAdd),
+    Cert(UsersCert),
     List(UsersList),
     Remove(UsersRemove),
 }
 
-/// create an account and write its provisioning files ID.json and ID.js
+/// create an account and write its provisioning files ID.json and ID.js, and
+/// its label certificate ID.crt with its key ID.key
 #[derive(FromArgs)]
 #[argh(subcommand, name = "add")]
 struct UsersAdd {
@@ -107,6 +109,22 @@ struct UsersAdd {
     #[argh(option)]
     id: Option<String>,
     /// where to write the provisioning files (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    out: PathBuf,
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// issue (again) the certificate for every label of an account, from the
+/// relay's CA, as ID.crt and ID.key
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cert")]
+struct UsersCert {
+    /// the account ID
+    #[argh(positional)]
+    id: String,
+    /// where to write ID.crt and ID.key (default: the current directory)
     #[argh(option, default = "PathBuf::from(\".\")")]
     out: PathBuf,
     /// config file
@@ -135,7 +153,8 @@ struct UsersRemove {
     config: Option<PathBuf>,
 }
 
-/// write a self-signed key (0400) and certificate (0444) for the relay
+/// write the relay's name-constrained CA and the registrar's key and
+/// certificate signed by it, whichever are missing (keys 0400, certificates 0444)
 #[derive(FromArgs)]
 #[argh(subcommand, name = "cert")]
 struct CertCmd {
@@ -214,6 +233,7 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Users(u) => match u.command {
             UsersCommand::Add(a) => users_add(&a),
+            UsersCommand::Cert(a) => users_cert(&a),
             UsersCommand::List(a) => {
                 let store = open_store(a.config.as_deref())?.1;
                 for account in store.list()? {
@@ -229,14 +249,17 @@ fn try_main(cli: Cli) -> Result<()> {
         },
         Command::Cert(a) => {
             let config = Config::load(a.config.as_deref())?;
-            taas::cert::write_new(&config)?;
+            let made = taas::cert::write_new(&config)?;
             println!("{}", config.cert.display());
-            eprintln!(
-                "wrote {} (0444) and {} (0400) for {}",
-                config.cert.display(),
-                config.key.display(),
-                taas::cert::subject_alt_names(&config).join(", ")
-            );
+            println!("{}", config.ca_cert.display());
+            eprintln!("wrote {}", made.describe(&config));
+            if !made.registrar {
+                eprintln!(
+                    "kept the registrar's certificate {}; mobile clients trust {} for the labels",
+                    config.cert.display(),
+                    config.ca_cert.display()
+                );
+            }
             Ok(())
         }
         Command::Expose(a) => expose(a),
@@ -255,12 +278,11 @@ fn try_main(cli: Cli) -> Result<()> {
 
 /// `taas serve`: first-start set-up, the relay, signals, a graceful stop.
 fn serve(config: Config) -> Result<()> {
-    if taas::cert::ensure_default(&config)? {
-        log::info!(
-            "first start: made a self-signed certificate {} for {}",
-            config.cert.display(),
-            taas::cert::subject_alt_names(&config).join(", ")
-        );
+    // The CA key is read here at most once, to sign the registrar's
+    // certificate at a first start, and dropped before the relay binds.
+    let made = taas::cert::ensure_default(&config)?;
+    if made.any() {
+        log::info!("first start: made {}", made.describe(&config));
     }
     if !config.tls {
         log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");
@@ -281,10 +303,12 @@ fn serve(config: Config) -> Result<()> {
     );
     log_accounts(server.store());
     // Accounts are read from the store at each registration; SIGHUP re-reads
-    // it now, so the operator sees at once whether an edit took.
+    // it now, so the operator sees at once whether an edit took, and re-reads
+    // the certificate (a certbot deploy hook runs `systemctl reload taas`).
     wait_for_signal(|| {
         taas::logging::reopen();
         log_accounts(server.store());
+        reload_certificate(&server);
     })?;
     log::info!(
         "stopping: live pairs have {} s to finish",
@@ -293,6 +317,20 @@ fn serve(config: Config) -> Result<()> {
     server.shutdown(grace);
     log::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: the certificate for new connections, or why the old one stays.
+fn reload_certificate(server: &Server) {
+    let c = server.config();
+    match server.reload_tls() {
+        Ok(true) => log::info!(
+            "SIGHUP: certificate {} and key {} re-read; new connections get them",
+            c.cert.display(),
+            c.key.display()
+        ),
+        Ok(false) => {}
+        Err(e) => log::warn!("SIGHUP: keeping the certificate loaded before: {e}"),
+    }
 }
 
 /// Logs how many accounts the store holds (or why it cannot say).
@@ -319,14 +357,33 @@ fn open_store(path: Option<&Path>) -> Result<(Config, Store)> {
 
 fn users_add(a: &UsersAdd) -> Result<()> {
     let (config, store) = open_store(a.config.as_deref())?;
-    // The provisioning file carries the relay's certificate: make it now when the
-    // defaults are in use, as `taas serve` would on first start.
     let account = Account::new(a.id.as_deref(), std::slice::from_ref(&a.label))?;
     config.check_account(&account)?;
+    // The provisioning file carries the relay's CA: make it now when the
+    // defaults are in use, as `taas serve` would on first start.
     taas::cert::ensure_default(&config)?;
     let provision = taas::provision::Provision::new(&account, &config)?;
+    // Issued before the insert: a missing CA leaves no account behind.
+    let issued = if taas::cert::issues_label_certs(&config) {
+        Some(taas::cert::issue_label_cert(&config, &account)?)
+    } else {
+        None
+    };
     store.insert(&account)?;
-    let (json, js) = match provision.write(&a.out) {
+    let written = provision.write(&a.out).and_then(|(json, js)| {
+        let Some(issued) = &issued else {
+            return Ok((json, js, None));
+        };
+        match taas::provision::write_label_cert(&a.out, &account.uuid, issued) {
+            Ok(pair) => Ok((json, js, Some(pair))),
+            Err(e) => {
+                let _ = std::fs::remove_file(&json);
+                let _ = std::fs::remove_file(&js);
+                Err(e)
+            }
+        }
+    });
+    let (json, js, pair) = match written {
         Ok(paths) => paths,
         Err(e) => {
             // No account without its files: the secret would be lost.
@@ -340,6 +397,37 @@ fn users_add(a: &UsersAdd) -> Result<()> {
         account.uuid,
         account.labels.join(","),
         js.display()
+    );
+    match (pair, issued) {
+        (Some((crt, key)), Some(issued)) => eprintln!(
+            "wrote {} and {} (0600) for {}, from the relay's CA {}",
+            crt.display(),
+            key.display(),
+            issued.names.join(", "),
+            config.ca_cert.display()
+        ),
+        _ => eprintln!(
+            "no label certificate: tls = false and no CA at {} (`taas cert` makes one, then `taas users cert {}`)",
+            config.ca_cert.display(),
+            account.uuid
+        ),
+    }
+    Ok(())
+}
+
+fn users_cert(a: &UsersCert) -> Result<()> {
+    let (config, store) = open_store(a.config.as_deref())?;
+    let id = taas::store::parse_uuid(&a.id)?;
+    let account = store.get(&id)?.ok_or(Error::NoSuchAccount(id))?;
+    let issued = taas::cert::issue_label_cert(&config, &account)?;
+    let (crt, key) = taas::provision::write_label_cert(&a.out, &account.uuid, &issued)?;
+    println!("{}", crt.display());
+    eprintln!(
+        "wrote {} and {} (0600) for {}, from the relay's CA {}",
+        crt.display(),
+        key.display(),
+        issued.names.join(", "),
+        config.ca_cert.display()
     );
     Ok(())
 }

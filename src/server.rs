@@ -17,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use crate::route::{Route, route};
 use crate::state::{Shared, Snapshot};
 use crate::status;
 use crate::store::Store;
-use crate::sys::{CONN_STACK, SMALL_STACK, lock, spawn, wake};
+use crate::sys::{CONN_STACK, SMALL_STACK, lock, spawn, unpoisoned, wake};
 use crate::tls;
 
 /// Housekeeping period: idle rendezvous ports, dead responders, refusal counts.
@@ -43,10 +43,17 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// quarter of `max_connections` (a legitimate client needs milliseconds).
 pub const CROWDED_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The TLS configuration of the well-known port, unless `tls = false`. Each
+/// connection takes the current one at accept; `Server::reload_tls` swaps in a
+/// new one, so connections already open keep theirs.
+type Tls = Option<Arc<RwLock<Arc<rustls::ServerConfig>>>>;
+
 /// A running relay. Dropping it shuts it down without grace.
 pub struct Server {
     /// State shared with every thread.
     shared: Arc<Shared>,
+    /// TLS for the well-known port.
+    tls: Tls,
     /// The well-known listener's address.
     local_addr: SocketAddr,
     /// The accept loop.
@@ -65,18 +72,19 @@ impl Server {
     /// Opens the store, loads TLS, binds the well-known port and starts serving.
     pub fn bind(config: Config) -> Result<Server> {
         let store = Store::open(&config.store)?;
-        let tls = match config.tls {
-            true => Some(tls::server_config(&config.cert, &config.key)?),
+        let tls: Tls = match config.tls {
+            true => Some(Arc::new(RwLock::new(tls::server_config(
+                &config.cert,
+                &config.key,
+            )?))),
             false => None,
         };
         let addr = SocketAddr::new(config.bind_host, config.port);
         let (listener, local_addr) = http::bind("the well-known port", addr)?;
         let shared = Arc::new(Shared::new(config, store));
-        let s = shared.clone();
-        let accept = spawn("accept", SMALL_STACK, move || {
-            accept_loop(&s, &listener, tls)
-        })
-        .map_err(|e| Error::io("spawn thread", e))?;
+        let (s, t) = (shared.clone(), tls.clone());
+        let accept = spawn("accept", SMALL_STACK, move || accept_loop(&s, &listener, t))
+            .map_err(|e| Error::io("spawn thread", e))?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let s = shared.clone();
         let housekeeper = spawn("housekeeper", SMALL_STACK, move || {
@@ -97,6 +105,7 @@ impl Server {
             status_addr: status.as_ref().map(Serving::local_addr),
             status: Mutex::new(status),
             shared,
+            tls,
             local_addr,
             accept: Mutex::new(Some(accept)),
             housekeeper_stop: Mutex::new(Some(stop_tx)),
@@ -132,6 +141,20 @@ impl Server {
     /// Its counters, as `GET /metrics` shows them.
     pub fn metrics(&self) -> String {
         self.shared.metrics_text()
+    }
+
+    /// Re-reads `cert` and `key` (through symlinks, as certbot's `live/` files
+    /// are) for the connections accepted from now on; false with `tls = false`.
+    /// On an error the current certificate stays and the error says why.
+    /// Waiting responders and live pairs hold no TLS state: they are not touched.
+    pub fn reload_tls(&self) -> Result<bool> {
+        let Some(slot) = &self.tls else {
+            return Ok(false);
+        };
+        let c = &self.shared.config;
+        let fresh = tls::server_config(&c.cert, &c.key)?;
+        *unpoisoned(slot.write()) = fresh;
+        Ok(true)
     }
 
     /// Stops accepting, closes rendezvous ports and waiting responders, lets live
@@ -173,11 +196,7 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(
-    shared: &Arc<Shared>,
-    listener: &TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, tls: Tls) {
     loop {
         let accepted = listener.accept();
         if shared.stopping() {
@@ -205,7 +224,8 @@ fn accept_loop(
         } else {
             config.head_timeout
         };
-        let (s, tls) = (shared.clone(), tls.clone());
+        let s = shared.clone();
+        let tls = tls.as_ref().map(|t| unpoisoned(t.read()).clone());
         let spawned = spawn("conn", CONN_STACK, move || {
             let _slot = slot;
             handle_conn(&s, tls, stream, peer, head_timeout);

@@ -25,7 +25,8 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::label;
 use crate::sys::{
-    NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, write_private,
+    NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, unpoisoned,
+    write_private,
 };
 use crate::totp::{Algorithm, Totp};
 
@@ -515,7 +516,7 @@ impl RedisStore {
         let mut slot = loop {
             match self.conn.try_lock() {
                 Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::Poisoned(p)) => break unpoisoned(Err(p)),
                 Err(std::sync::TryLockError::WouldBlock) => {
                     if std::time::Instant::now() >= deadline {
                         return Err(Error::StoreUnavailable(format!(

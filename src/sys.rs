@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LockResult, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,9 +52,15 @@ pub fn spawn(
         .spawn(f)
 }
 
-/// Locks `m`; a lock poisoned by a panicking thread is taken as it is.
+/// Locks `m`, with the crate's one poison policy (`unpoisoned`).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    unpoisoned(m.lock())
+}
+
+/// The crate's one poison policy: a lock poisoned by a panicking thread is taken
+/// as it is (every table of the crate is consistent between statements).
+pub fn unpoisoned<G>(locked: LockResult<G>) -> G {
+    locked.unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Binds `addr` with `BACKLOG` and `SO_REUSEADDR`.

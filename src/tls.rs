@@ -50,6 +50,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 /// Loads a private key, warning when its mode lets others read it.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    warn_if_readable(path);
+    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::FileContent {
+        path: path.to_path_buf(),
+        reason: format!("no usable private key: {e}"),
+    })
+}
+
+/// Warns when the key at `path` (followed through symlinks) is readable by others.
+pub fn warn_if_readable(path: &Path) {
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
@@ -59,10 +68,6 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             meta.permissions().mode() & 0o777
         );
     }
-    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::FileContent {
-        path: path.to_path_buf(),
-        reason: format!("no usable private key: {e}"),
-    })
 }
 
 /// The relay's rustls server configuration, from its PEM files.

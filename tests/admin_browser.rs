@@ -362,12 +362,13 @@ fn the_page_in_a_real_browser() {
     let d = dir.path().display();
     let config = Config::from_toml(
         &format!(
-            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
         ),
         "test",
     )
     .unwrap();
     taas::cert::write_new(&config).unwrap();
+    let config_ca = config.ca_cert.clone();
     let store = Store::open(&config.store).unwrap();
     let admin = Admin::bind(config, "127.0.0.1:0".parse().unwrap()).unwrap();
     let profile = dir.path().join("profile");
@@ -441,6 +442,43 @@ fn the_page_in_a_real_browser() {
         assert_eq!(p.id(), id);
         assert_eq!(p.base32, account.auth_params.base32);
     }
+    // The label certificate and key the creation answer carried, as ID.crt and
+    // ID.key: the relay's CA signed the certificate for the label's name.
+    let names = s.js("return document.getElementById('cert-names').textContent");
+    assert_eq!(names, "browser-demo.taas.localhost");
+    for (link, name, begins) in [
+        (
+            "#dl-crt",
+            format!("{id}.crt"),
+            "-----BEGIN CERTIFICATE-----",
+        ),
+        (
+            "#dl-key",
+            format!("{id}.key"),
+            "-----BEGIN PRIVATE KEY-----",
+        ),
+    ] {
+        s.click(link);
+        let saved = downloads.join(&name);
+        let end = Instant::now() + WAIT;
+        while !saved.exists() || std::fs::metadata(&saved).unwrap().len() == 0 {
+            assert!(Instant::now() < end, "{name} was not downloaded");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&saved).unwrap();
+        assert!(text.starts_with(begins), "{name}: {text}");
+    }
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&config_ca)
+        .arg(downloads.join(format!("{id}.crt")))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     // And the page's own fetch, with the token it embeds, gets it too.
     let fetched = s.js(&format!(
         "const t = document.querySelector('meta[name=\"taas-token\"]').content; \

@@ -158,7 +158,16 @@ fn users_add_with_embedded_defaults_writes_complete_provisioning_files() {
     assert_eq!(v["server"]["port"], 8443);
     let pem = std::fs::read_to_string(&crt).unwrap();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(v["server"]["ca"], pem.as_str());
+    // On a new installation the CA signed the registrar's certificate: the CA
+    // alone verifies it, and is what server.ca carries.
+    let ca = std::fs::read_to_string(data.join("ca.crt")).unwrap();
+    assert_eq!(mode(&data.join("ca.crt")), 0o444);
+    assert_eq!(mode(&data.join("ca.key")), 0o400);
+    assert_eq!(v["server"]["ca"], ca.as_str());
+    // And the label certificate with its key, beside ID.json.
+    for ext in ["crt", "key"] {
+        assert_eq!(mode(&json_path.with_extension(ext)), 0o600, "{ext}");
+    }
 
     // The legacy file holds the same object.
     assert_eq!(js_params(&js_path), v);

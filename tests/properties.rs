@@ -132,7 +132,7 @@ fn the_accounts_api_answers_any_body() {
     let d = dir.path().display();
     let config = Config::from_toml(
         &format!(
-            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
         ),
         "test",
     )

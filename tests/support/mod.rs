@@ -90,7 +90,8 @@ pub struct TestRelay {
     pub server: Server,
     /// Its well-known address.
     pub addr: SocketAddr,
-    /// The relay's certificate (PEM), when TLS is on.
+    /// What a client trusts for the relay, when TLS is on: its provisioning
+    /// files' `server.ca` (the relay's CA, which signed its certificate).
     pub cert_pem: Option<String>,
 }
 
@@ -114,7 +115,7 @@ impl TestRelay {
         let d = dir.path().display();
         let store = store.map_or_else(|| format!("file:{d}/accounts.json"), str::to_string);
         let text = format!(
-            "port = 0\nstore = \"{store}\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n{extra}\n"
+            "port = 0\nstore = \"{store}\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n{extra}\n"
         );
         let config_path = dir.path().join("taas.toml");
         std::fs::write(&config_path, &text).unwrap();
@@ -122,7 +123,7 @@ impl TestRelay {
         let cert_pem = if config.tls {
             let (ok, _, err) = taas(dir.path(), &["cert", "-c", config_path.to_str().unwrap()]);
             assert!(ok, "taas cert: {err}");
-            Some(std::fs::read_to_string(&config.cert).unwrap())
+            taas::cert::server_ca(&config).unwrap()
         } else {
             None
         };
