@@ -613,3 +613,5 @@ pub fn taas_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, String,
         limit,
     )
 }
+
+pub mod browser;
