@@ -20,7 +20,8 @@
 //! Around it: `config` (the validated TOML), `error` (one enum, one status
 //! mapping), `label` (DNS label rules), `logging`, `metrics` and `status` (for
 //! operators), and the operator tools on top of the core: `provision`
-//! (provisioning files), `cert` (certificates), `agent` (the hidden side).
+//! (provisioning files), `cert` (certificates), `agent` (the hidden side;
+//! `agent::terminate` ends TLS there for `taas expose --tls`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
