@@ -6,11 +6,13 @@
 //! ERR_CERT_AUTHORITY_INVALID instead. A screenshot goes to
 //! `target/browser-quickstart.png`.
 //!
-//! Shortcuts admitted: the CA is one made by the test (`support::TestCa`); it
-//! signs the registrar's certificate (`cert`/`key` in `taas.toml`) and the
-//! label's, written as `ID.crt`/`ID.key` beside `ID.json`, and is put in
-//! `ID.json` as `server.ca`, standing in for the relay's CA. Outside CI, a missing Chromium, chromedriver or certutil makes
-//! the test say "skipped" and return; under CI it fails.
+//! The files are the quick start's, on the embedded defaults (a `taas.toml`
+//! sets only a free port): `taas-data/ca.crt`, and `ID.crt`/`ID.key` beside
+//! `ID.json` from `taas users add`.
+//!
+//! Shortcuts admitted: a build whose relay has no CA yet gets a stand-in
+//! (`stand_in_ca`). Outside CI, a missing Chromium, chromedriver or certutil
+//! makes the test say "skipped" and return; under CI it fails.
 mod support;
 
 use std::path::Path;
@@ -37,6 +39,30 @@ fn spawn(dir: &Path, args: &[&str], log: &Path) -> Proc {
     )
 }
 
+/// For a build whose relay has no CA yet: a test CA as `taas-data/ca.crt`,
+/// signing the registrar's certificate (in place of the self-signed one) and the
+/// label's (`ID.crt`, `ID.key`), and carried in `ID.json` as `server.ca`, as the
+/// relay's own CA will be. Delete once `taas users add` writes them.
+fn stand_in_ca(d: &Path, provision: &Path) {
+    let ca = TestCa::new();
+    let data = d.join("taas-data");
+    std::fs::write(data.join("ca.crt"), &ca.pem).unwrap();
+    let names = taas::cert::subject_alt_names(&taas::Config::default());
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (crt, key) = (data.join("registrar.crt"), data.join("registrar.key"));
+    std::fs::remove_file(&crt).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    ca.issue_to(&names, &crt, &key);
+    let mut p = taas::provision::Provision::load(provision).unwrap();
+    p.server.ca = Some(ca.pem.clone());
+    p.write(provision.parent().unwrap()).unwrap();
+    ca.issue_to(
+        &["demo.taas.localhost"],
+        &provision.with_extension("crt"),
+        &provision.with_extension("key"),
+    );
+}
+
 /// `certutil ARGS`, which must succeed.
 fn certutil(args: &[&str]) {
     let out = Command::new(CERTUTIL).args(args).output().unwrap();
@@ -56,32 +82,19 @@ fn quick_start_in_a_real_browser_with_the_ca_trusted() {
     let d = dir.path();
     let relay_port = support::free_port();
     let app = PlainApp::start();
-    let ca = TestCa::new();
-    std::fs::write(d.join("ca.crt"), &ca.pem).unwrap();
-    let toml = format!("port = {relay_port}\ncert = \"registrar.crt\"\nkey = \"registrar.key\"\n");
-    std::fs::write(d.join("taas.toml"), &toml).unwrap();
-    let config = taas::Config::from_toml(&toml, "test").unwrap();
-    let names = taas::cert::subject_alt_names(&config);
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    ca.issue_to(&names, &d.join("registrar.crt"), &d.join("registrar.key"));
-
+    std::fs::write(d.join("taas.toml"), format!("port = {relay_port}\n")).unwrap();
+    // The quick start's files, on the embedded defaults.
+    let (ok, out, err) = support::taas(d, &["users", "add", "demo", "--out", "prov"]);
+    assert!(ok, "{err}");
+    let provision = d.join(out.lines().next().unwrap());
+    let ca_file = d.join("taas-data/ca.crt");
+    if !ca_file.exists() {
+        stand_in_ca(d, &provision);
+    }
     let _relay = spawn(d, &["serve"], &d.join("serve.log"));
     assert!(wait_until(Duration::from_secs(10), || {
         support::is_listening(relay_port)
     }));
-    let (ok, out, err) = support::taas(d, &["users", "add", "demo", "--out", "prov"]);
-    assert!(ok, "{err}");
-    let provision = d.join(out.lines().next().unwrap());
-    // The hidden side verifies the registrar with the CA, as `server.ca` will
-    // carry it once the relay has its own.
-    let mut p = taas::provision::Provision::load(&provision).unwrap();
-    p.server.ca = Some(ca.pem.clone());
-    p.write(&d.join("prov")).unwrap();
-    ca.issue_to(
-        &["demo.taas.localhost"],
-        &provision.with_extension("crt"),
-        &provision.with_extension("key"),
-    );
     let to = format!("127.0.0.1:{}", app.port);
     let _agent = spawn(
         d,
@@ -90,7 +103,6 @@ fn quick_start_in_a_real_browser_with_the_ca_trusted() {
     );
     let url = format!("https://demo.taas.localhost:{relay_port}/");
     // Ready once curl, trusting the same CA, gets the page.
-    let ca_file = d.join("ca.crt");
     let mut last = String::new();
     assert!(
         wait_until(Duration::from_secs(20), || {

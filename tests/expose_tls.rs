@@ -3,9 +3,12 @@
 //! mobiles that verify the label's certificate (rustls clients, and curl). The
 //! agent ends TLS; the app sees plaintext; the relay carries ciphertext only.
 //!
-//! Shortcut admitted: the label certificate comes from a CA made by the test
-//! (`support::TestCa`), written where `taas expose` looks by default
-//! (`ID.crt`/`ID.key` beside `ID.json`), standing in for the relay's CA.
+//! The default certificate is the one `taas users add` wrote beside `ID.json`,
+//! verified against the relay's CA; certificates given with `--cert`/`--key`
+//! come from a CA of the test's own (`support::TestCa`).
+//!
+//! Shortcut admitted: a build whose relay has no CA yet gets the test's CA in
+//! its place, its certificate written as `ID.crt`/`ID.key`.
 mod support;
 
 use std::io::{Read, Write};
@@ -26,7 +29,9 @@ struct Setup {
     relay: TestRelay,
     /// `prov/ID.json`.
     provision: PathBuf,
-    /// The CA a mobile trusts for the label.
+    /// What a mobile trusts for the label (PEM): the relay's CA.
+    ca_pem: String,
+    /// A CA of the test's own, for `--cert`/`--key` certificates.
     ca: TestCa,
     /// The label certificate served by default (PEM).
     cert_pem: String,
@@ -43,16 +48,21 @@ fn setup(app: PlainApp) -> Setup {
     p.server.port = relay.addr.port();
     let provision = p.write(&prov).unwrap().0;
     let ca = TestCa::new();
-    let (crt, key) = (
-        prov.join(format!("{}.crt", p.id())),
-        prov.join(format!("{}.key", p.id())),
-    );
-    ca.issue_to(&[NAME], &crt, &key);
+    let crt = provision.with_extension("crt");
+    let relay_ca = relay.dir.path().join("ca.crt");
+    let ca_pem = if crt.exists() && relay_ca.exists() {
+        std::fs::read_to_string(relay_ca).unwrap()
+    } else {
+        // A build whose relay has no CA yet: the test's CA stands in for it.
+        ca.issue_to(&[NAME], &crt, &provision.with_extension("key"));
+        ca.pem.clone()
+    };
     let cert_pem = std::fs::read_to_string(&crt).unwrap();
     let log = relay.dir.path().join("agent.log");
     Setup {
         relay,
         provision,
+        ca_pem,
         ca,
         cert_pem,
         app,
@@ -98,8 +108,13 @@ impl Setup {
     /// One mobile request over TLS, verified against the test CA: the body and
     /// the certificate the agent showed.
     fn fetch(&self, path: &str) -> std::io::Result<(String, Vec<u8>)> {
+        self.fetch_trusting(path, &self.ca_pem)
+    }
+
+    /// `fetch`, trusting `ca_pem`.
+    fn fetch_trusting(&self, path: &str, ca_pem: &str) -> std::io::Result<(String, Vec<u8>)> {
         let q = self.rendezvous();
-        let (mut tls, shown) = tls_connect(q, NAME, &self.ca.pem)?;
+        let (mut tls, shown) = tls_connect(q, NAME, ca_pem)?;
         write!(
             tls,
             "GET {path} HTTP/1.1\r\nHost: {NAME}:{}\r\nConnection: close\r\n\r\n",
@@ -125,7 +140,7 @@ fn tls_agent_serves_a_plain_http_app_over_https_with_verification() {
     // curl -L, verifying both hops: the registrar's certificate and the label's.
     let bundle = s.relay.dir.path().join("bundle.pem");
     let relay_pem = s.relay.cert_pem.clone().unwrap();
-    std::fs::write(&bundle, format!("{relay_pem}{}", s.ca.pem)).unwrap();
+    std::fs::write(&bundle, format!("{relay_pem}{}", s.ca_pem)).unwrap();
     let (ok, out, err) = support::curl(&[
         "-sS",
         "-L",
@@ -138,7 +153,7 @@ fn tls_agent_serves_a_plain_http_app_over_https_with_verification() {
     // handshake, and the app never hears of it.
     let before = s.app.connections();
     let q = s.rendezvous();
-    assert!(tls_connect(q, NAME, &relay_pem).is_err());
+    assert!(tls_connect(q, NAME, &TestCa::new().pem).is_err());
     assert!(
         wait_until(Duration::from_secs(10), || s.waiting() == 3),
         "the pool did not refill"
@@ -163,7 +178,7 @@ fn tls_half_close_passes_both_ways() {
     // close_notify from the mobile: the app sees its EOF (shutdown(Write)),
     // answers, closes; the mobile then gets close_notify: a clean end.
     let q = s.rendezvous();
-    let (mut tls, _) = tls_connect(q, NAME, &s.ca.pem).unwrap();
+    let (mut tls, _) = tls_connect(q, NAME, &s.ca_pem).unwrap();
     tls.write_all(&data).unwrap();
     tls.conn.send_close_notify();
     tls.flush().unwrap();
@@ -175,7 +190,7 @@ fn tls_half_close_passes_both_ways() {
 
     // A TCP half-close without close_notify is an end too.
     let q = s.rendezvous();
-    let (mut tls, _) = tls_connect(q, NAME, &s.ca.pem).unwrap();
+    let (mut tls, _) = tls_connect(q, NAME, &s.ca_pem).unwrap();
     tls.write_all(b"no close_notify").unwrap();
     tls.flush().unwrap();
     tls.sock.shutdown(Shutdown::Write).unwrap();
@@ -274,7 +289,7 @@ fn sighup_gives_new_connections_the_new_certificate() {
         "--key",
         key.to_str().unwrap(),
     ]);
-    let (_, shown) = s.fetch("/a").unwrap();
+    let (_, shown) = s.fetch_trusting("/a", &s.ca.pem).unwrap();
     assert_eq!(shown, first);
     // A connection made before the reload: its handshake is done.
     let (mut held, _) = tls_connect(s.rendezvous(), NAME, &s.ca.pem).unwrap();
@@ -284,7 +299,7 @@ fn sighup_gives_new_connections_the_new_certificate() {
     agent.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(10), || s
-            .fetch("/b")
+            .fetch_trusting("/b", &s.ca.pem)
             .is_ok_and(|(_, shown)| shown == second)),
         "never served the new certificate; log:\n{}",
         s.log()
@@ -306,7 +321,7 @@ fn sighup_gives_new_connections_the_new_certificate() {
     let (other, _) = s.ca.issue(&[NAME]);
     std::fs::write(&crt, other).unwrap();
     reload_refused(&s, &agent, 2, &crt);
-    let (_, shown) = s.fetch("/c").unwrap();
+    let (_, shown) = s.fetch_trusting("/c", &s.ca.pem).unwrap();
     assert_eq!(shown, second);
 }
 
@@ -333,7 +348,7 @@ fn reload_refused(s: &Setup, agent: &Proc, n: usize, crt: &Path) {
         line.contains(crt.to_str().unwrap()),
         "the line names the file: {line}"
     );
-    let (body, _) = s.fetch("/still").unwrap();
+    let (body, _) = s.fetch_trusting("/still", &s.ca.pem).unwrap();
     assert!(body.contains(APP_TEXT));
 }
 
