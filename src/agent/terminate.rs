@@ -142,6 +142,16 @@ pub fn pipe(
     relayed: &TcpStream,
     local: &TcpStream,
 ) -> (Moved, Option<io::Error>) {
+    pipe_until_idle(conn, relayed, local, IDLE_TIMEOUT)
+}
+
+/// `pipe`, closed after `idle` with no octet either way.
+fn pipe_until_idle(
+    conn: ServerConnection,
+    relayed: &TcpStream,
+    local: &TcpStream,
+    idle: Duration,
+) -> (Moved, Option<io::Error>) {
     let mut p = Pipe {
         conn,
         relayed,
@@ -155,6 +165,7 @@ pub fn pipe(
         local_eof: false,
         down_done: false,
         moved: Moved::default(),
+        idle,
     };
     let error = relayed
         .set_nonblocking(true)
@@ -198,18 +209,20 @@ struct Pipe<'a> {
     down_done: bool,
     /// Plaintext octets moved each way.
     moved: Moved,
+    /// Quiet this long closes the pipe.
+    idle: Duration,
 }
 
 impl Pipe<'_> {
     fn run(&mut self) -> io::Result<()> {
-        let mut idle_until = Instant::now() + IDLE_TIMEOUT;
+        let mut idle_until = Instant::now() + self.idle;
         while !(self.up_done && self.down_done) {
             let mut moved = false;
             while self.step()? {
                 moved = true;
             }
             if moved {
-                idle_until = Instant::now() + IDLE_TIMEOUT;
+                idle_until = Instant::now() + self.idle;
             }
             if self.up_done && self.down_done {
                 break;
@@ -370,4 +383,69 @@ fn later(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    }
+
+    /// A quiet pipe is closed after its idle limit: both sockets end, and
+    /// what moved before is counted.
+    #[test]
+    fn an_idle_pipe_is_closed() {
+        let (cert, key) = crate::cert::generate(vec!["t.example".into()]).unwrap();
+        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            certs,
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let (mobile, relayed) = pair();
+        let (local, mut app) = pair();
+        let agent = std::thread::spawn(move || {
+            let (conn, relayed) = handshake(relayed, Arc::new(server)).unwrap();
+            let start = Instant::now();
+            let (moved, err) = pipe_until_idle(conn, &relayed, &local, Duration::from_millis(300));
+            (moved, err, start.elapsed())
+        });
+        let client = crate::cert::client_config(Some(&cert)).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("t.example").unwrap();
+        let conn = rustls::ClientConnection::new(client, name).unwrap();
+        mobile
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, mobile);
+        tls.write_all(b"hi").unwrap();
+        tls.flush().unwrap();
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = [0u8; 2];
+        app.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        let (moved, err, took) = agent.join().unwrap();
+        assert_eq!(moved, Moved { up: 2, down: 0 });
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5));
+        // Both ends see the close.
+        assert_eq!(app.read(&mut got).unwrap_or(0), 0);
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
 }
