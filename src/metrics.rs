@@ -9,8 +9,36 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-/// The relay's counters.
-#[derive(Default)]
+/// Every limit a newcomer can be refused by (`taas_refusals_total{limit}`).
+pub const REFUSAL_LIMITS: [&str; 9] = [
+    "first_octet_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_pairs",
+    "max_pairs_per_ip",
+    "max_waiting",
+    "pair_wait",
+    "plug_same_ip",
+    "plug_timeout",
+];
+/// Every result of a registration (`taas_registrations_total{result}`).
+pub const REGISTRATION_RESULTS: [&str; 7] = [
+    "bad_request",
+    "forbidden",
+    "ok",
+    "replay",
+    "store_unavailable",
+    "throttled",
+    "unauthorized",
+];
+/// Every status the well-known port answers (`taas_requests_total{status}`).
+pub const REQUEST_STATUSES: [u16; 14] = [
+    200, 307, 400, 401, 403, 404, 405, 408, 409, 421, 429, 431, 500, 503,
+];
+
+/// The relay's counters. Counters whose labels come from a fixed set are
+/// exported at 0 for each value from the start, so a first event is not lost
+/// to `rate()` (Prometheus' instrumentation guidance).
 pub struct Metrics {
     /// Registrations by result.
     registrations: Mutex<BTreeMap<&'static str, u64>>,
@@ -34,6 +62,25 @@ pub struct Metrics {
     store_errors: AtomicU64,
     /// Rendezvous ports open now.
     rendezvous_open: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let zeros = |keys: &[&'static str]| Mutex::new(keys.iter().map(|k| (*k, 0)).collect());
+        Metrics {
+            registrations: zeros(&REGISTRATION_RESULTS),
+            requests: Mutex::new(REQUEST_STATUSES.iter().map(|s| (*s, 0)).collect()),
+            refusals: zeros(&REFUSAL_LIMITS),
+            pairs_opened: AtomicU64::new(0),
+            pairs_closed: AtomicU64::new(0),
+            pairs_idle_closed: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            rendezvous_open: AtomicI64::new(0),
+        }
+    }
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -199,5 +246,27 @@ impl Metrics {
             one(self.store_errors.load(Relaxed)),
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_label_sets_are_exported_at_zero_from_the_start() {
+        let text = Metrics::default().render(&[]);
+        for limit in REFUSAL_LIMITS {
+            let row = format!("taas_refusals_total{{limit=\"{limit}\"}} 0");
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        for result in REGISTRATION_RESULTS {
+            let row = format!("taas_registrations_total{{result=\"{result}\"}} 0");
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l == "taas_requests_total{status=\"503\"} 0")
+        );
     }
 }

@@ -146,7 +146,10 @@ fn status_json(shared: &Shared) -> String {
         "version": crate::version(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "labels": labels,
-        "pairs_active": shared.pairs.count(),
+        // The same figure as /metrics' taas_pairs_active: pairs relaying now.
+        "pairs_active": shared.metrics.pairs_active(),
+        // Pair slots held, mobiles waiting for their first octet included.
+        "pair_slots": shared.pairs.count(),
         "limits": {
             "max_connections": c.max_connections,
             "max_connections_per_ip": c.max_connections_per_ip,
