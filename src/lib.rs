@@ -22,7 +22,8 @@
 //! mapping), `label` (DNS label rules), `logging`, `metrics` and `status` (for
 //! operators), and the operator tools on top of the core: `provision`
 //! (provisioning files), `cert` (the relay's name-constrained CA and the
-//! certificates it issues), `agent` (the hidden side).
+//! certificates it issues), `agent` (the hidden side; `agent::terminate` ends
+//! TLS there for `taas expose --tls`).
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -873,9 +873,20 @@ fn log_accounts(store: &Store) {
 /// Blocks until SIGTERM or SIGINT. SIGHUP reopens the log file (logrotate)
 /// and then calls `on_hup`.
 pub fn wait_for_signal(on_hup: impl Fn()) -> Result<()> {
+    wait_on(signals()?, on_hup)
+}
+
+/// Takes SIGTERM, SIGINT and SIGHUP from their default actions (from now on a
+/// SIGHUP no longer ends the process), for `wait_on`.
+pub fn signals() -> Result<signal_hook::iterator::Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| Error::io("signal set-up", e))?;
+    signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| Error::io("signal set-up", e))
+}
+
+/// `wait_for_signal` with signals taken earlier by `signals`.
+pub fn wait_on(mut signals: signal_hook::iterator::Signals, on_hup: impl Fn()) -> Result<()> {
+    use signal_hook::consts::SIGHUP;
     for sig in signals.forever() {
         if sig == SIGHUP {
             crate::logging::reopen();
