@@ -36,6 +36,10 @@ use crate::sys::{AGENT_STACK, PeerState, peer_state, random_bytes, set_keepalive
 use crate::tls;
 use crate::totp::Totp;
 
+pub mod terminate;
+
+pub use terminate::LabelCert;
+
 /// Longest wait between two failed registrations.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// First wait after a failure.
@@ -249,7 +253,13 @@ pub struct ExposeConfig {
     pub pool: usize,
     /// Connect to the local service before the mobile client speaks.
     pub eager: bool,
+    /// End TLS here with this certificate (`--tls`); `None`: a raw TCP pipe.
+    /// Never with `eager` (a TLS server does not speak first).
+    pub tls: Option<Arc<LabelCert>>,
 }
+
+/// Why `--eager` and `--tls` do not go together.
+pub const EAGER_TLS: &str = "--eager cannot be used with --tls: a TLS server never speaks first (the mobile's ClientHello comes first)";
 
 /// A running agent; `stop` ends its slots within `WAIT_TICK` (pipes run on).
 pub struct Agent {
@@ -260,11 +270,21 @@ pub struct Agent {
 impl Agent {
     /// Starts `cfg.pool` slots.
     pub fn start(registrar: Registrar, cfg: ExposeConfig) -> Result<Agent> {
+        if cfg.eager && cfg.tls.is_some() {
+            return Err(Error::Usage(EAGER_TLS.into()));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let registrar = Arc::new(registrar);
         let cfg = Arc::new(cfg);
+        let tls = cfg.tls.as_ref().map_or_else(String::new, |t| {
+            format!(
+                ", TLS ended here with {} and {}",
+                t.cert_path().display(),
+                t.key_path().display()
+            )
+        });
         log::info!(
-            "exposing {} as {} via {} with {} waiting",
+            "exposing {} as {} via {} with {} waiting{tls}",
             cfg.to,
             cfg.label,
             registrar.connect,
@@ -467,31 +487,67 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
     let to = cfg.to.clone();
-    let spawned = spawn("pipe", AGENT_STACK, move || match early {
-        Some(local) => match relay::one_way(&relayed, &local) {
-            Ok(moved) => log::info!("pipe via {peer} to {to} done: {moved} up"),
-            Err(e) => log::info!("pipe via {peer} to {to}: {e}"),
-        },
-        None => match connect_to(&to, "connect to local service") {
-            Ok(local) => {
-                let (moved, err) =
-                    relay::run(Arc::new(relayed), Arc::new(local), relay::Copier::Splice);
-                let how = err.map_or_else(String::new, |e| format!(" ({e})"));
-                log::info!(
-                    "pipe via {peer} to {to}: {} up, {} down{how}",
-                    moved.up,
-                    moved.down
-                );
+    let spawned = match (early, &cfg.tls) {
+        (_, Some(cert)) => {
+            let config = cert.current();
+            spawn("tls-pipe", terminate::TLS_STACK, move || {
+                tls_pipe(relayed, config, &peer, &to);
+            })
+        }
+        (Some(local), None) => spawn("pipe", AGENT_STACK, move || {
+            match relay::one_way(&relayed, &local) {
+                Ok(moved) => log::info!("pipe via {peer} to {to} done: {moved} up"),
+                Err(e) => log::info!("pipe via {peer} to {to}: {e}"),
             }
-            Err(e) => {
-                log::warn!("local service {to} unreachable: {e}; closed that mobile connection")
+        }),
+        (None, None) => spawn("pipe", AGENT_STACK, move || {
+            match connect_to(&to, "connect to local service") {
+                Ok(local) => {
+                    let (moved, err) =
+                        relay::run(Arc::new(relayed), Arc::new(local), relay::Copier::Splice);
+                    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+                    log::info!(
+                        "pipe via {peer} to {to}: {} up, {} down{how}",
+                        moved.up,
+                        moved.down
+                    );
+                }
+                Err(e) => {
+                    log::warn!("local service {to} unreachable: {e}; closed that mobile connection")
+                }
             }
-        },
-    });
+        }),
+    };
     if let Err(e) = spawned {
         log::error!("slot {n}: {e}");
     }
     Waited::Spoke
+}
+
+/// One relayed connection with TLS ended here: the handshake (under its
+/// deadline), then the local service, then both directions in this thread.
+fn tls_pipe(relayed: TcpStream, config: Arc<rustls::ServerConfig>, peer: &str, to: &str) {
+    let (conn, relayed) = match terminate::handshake(relayed, config) {
+        Ok(done) => done,
+        Err(e) => {
+            log::info!("tls via {peer}: {e}; closed that mobile connection");
+            return;
+        }
+    };
+    let local = match connect_to(to, "connect to local service") {
+        Ok(local) => local,
+        Err(e) => {
+            log::warn!("local service {to} unreachable: {e}; closed that mobile connection");
+            return;
+        }
+    };
+    let (moved, err) = terminate::pipe(conn, &relayed, &local);
+    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+    log::info!(
+        "tls pipe via {peer} to {to}: {} up, {} down{how}",
+        moved.up,
+        moved.down
+    );
 }
 
 /// Waits until the mobile side's first octet arrives (true), or the waiting

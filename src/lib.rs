@@ -27,7 +27,8 @@
 //! crate). `status` serves `/metrics`, `/status` and `/ready` to operators. On
 //! top, the operator tools: `provision` (provisioning files), `cert` (the
 //! relay's name-constrained CA and the certificates it issues), `admin` (the
-//! accounts page), `agent` (the hidden side).
+//! accounts page), `agent` (the hidden side; `agent::terminate` ends TLS there
+//! for `taas expose --tls`).
 //!
 //! # Layers
 //!

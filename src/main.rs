@@ -64,9 +64,20 @@ struct Expose {
     #[argh(option)]
     label: Option<String>,
     /// connect to the local service before the mobile client speaks (for
-    /// protocols where the server speaks first: SMTP, FTP)
+    /// protocols where the server speaks first: SMTP, FTP; not with --tls)
     #[argh(switch)]
     eager: bool,
+    /// end TLS here, with the label certificate, and pipe the plaintext to
+    /// --to (for a plain-HTTP app reached over HTTPS)
+    #[argh(switch)]
+    tls: bool,
+    /// with --tls: the certificate chain to serve (default: ID.crt beside the
+    /// provisioning file); SIGHUP re-reads it
+    #[argh(option)]
+    cert: Option<PathBuf>,
+    /// with --tls: its private key (default: ID.key beside the provisioning file)
+    #[argh(option)]
+    key: Option<PathBuf>,
 }
 
 /// run the relay: registrar, rendezvous ports and relay
@@ -435,6 +446,7 @@ fn users_cert(a: &UsersCert) -> Result<()> {
 fn expose(a: Expose) -> Result<()> {
     taas::logging::init(None)?;
     let p = taas::provision::Provision::load(&a.provision)?;
+    let tls = label_cert(&a, &p)?.map(std::sync::Arc::new);
     // Entries may be LABEL:PORT (a fixed port); the registration names LABEL.
     let names = p
         .labels
@@ -462,6 +474,8 @@ fn expose(a: Expose) -> Result<()> {
         return Err(Error::Usage("--pool must be 1 to 64".into()));
     }
     let registrar = taas::agent::Registrar::from_provision(&p)?;
+    // Installed before the slots start: a SIGHUP from then on reloads, never kills.
+    let signals = taas::sys::signals().map_err(|e| Error::io("signal set-up", e))?;
     let agent = taas::agent::Agent::start(
         registrar,
         taas::agent::ExposeConfig {
@@ -469,10 +483,62 @@ fn expose(a: Expose) -> Result<()> {
             to: a.to,
             pool: a.pool,
             eager: a.eager,
+            tls: tls.clone(),
         },
     )?;
-    wait_for_signal(taas::logging::reopen)?;
+    let waited = taas::sys::wait_on(signals, || {
+        taas::logging::reopen();
+        let Some(cert) = &tls else { return };
+        match cert.reload() {
+            Ok(()) => log::info!(
+                "SIGHUP: certificate {} and key {} re-read; new connections get them",
+                cert.cert_path().display(),
+                cert.key_path().display()
+            ),
+            Err(e) => log::warn!("SIGHUP: keeping the certificate loaded before: {e}"),
+        }
+    });
+    waited.map_err(|e| Error::io("signal set-up", e))?;
     agent.stop();
     log::info!("stopped");
     Ok(())
+}
+
+/// `--tls [--cert F --key F]`: the certificate the agent serves, loaded now so
+/// a missing or unreadable file is an error at start, naming it. The default is
+/// `ID.crt` and `ID.key` beside the provisioning file (ID: the account's).
+fn label_cert(
+    a: &Expose,
+    p: &taas::provision::Provision,
+) -> Result<Option<taas::agent::LabelCert>> {
+    if !a.tls {
+        if a.cert.is_some() || a.key.is_some() {
+            return Err(Error::Usage("--cert and --key go with --tls".into()));
+        }
+        return Ok(None);
+    }
+    if a.eager {
+        return Err(Error::Usage(taas::agent::EAGER_TLS.into()));
+    }
+    let dir = a.provision.parent().unwrap_or(Path::new(""));
+    let (cert, key, default) = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+        (None, None) => (
+            dir.join(format!("{}.crt", p.id())),
+            dir.join(format!("{}.key", p.id())),
+            true,
+        ),
+        _ => return Err(Error::Usage("--cert and --key go together".into())),
+    };
+    taas::agent::LabelCert::load(&cert, &key)
+        .map(Some)
+        .map_err(|e| match e {
+            Error::FileContent { path, reason } if default => Error::FileContent {
+                path,
+                reason: format!(
+                    "{reason} (the label certificate `taas users add` writes beside ID.json; `taas users cert ID` issues it again; or give --cert and --key)"
+                ),
+            },
+            e => e,
+        })
 }

@@ -17,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use crate::route::{Route, route};
 use crate::state::{Shared, Snapshot};
 use crate::status;
 use crate::store::Store;
-use crate::sys::{CONN_STACK, SMALL_STACK, lock, spawn, unpoisoned, wake};
+use crate::sys::{CONN_STACK, SMALL_STACK, lock, spawn, wake};
 use crate::tls;
 
 /// Housekeeping period: idle rendezvous ports, dead responders, refusal counts.
@@ -43,10 +43,10 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// quarter of `max_connections` (a legitimate client needs milliseconds).
 pub const CROWDED_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The TLS configuration of the well-known port, unless `tls = false`. Each
-/// connection takes the current one at accept; `Server::reload_tls` swaps in a
-/// new one, so connections already open keep theirs.
-type Tls = Option<Arc<RwLock<Arc<rustls::ServerConfig>>>>;
+/// The certificate of the well-known port, unless `tls = false`. Each
+/// connection takes the current configuration at accept; `Server::reload_tls`
+/// swaps in a new one, so connections already open keep theirs.
+type Tls = Option<Arc<tls::ServerCert>>;
 
 /// A running relay. Dropping it shuts it down without grace.
 pub struct Server {
@@ -73,10 +73,7 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server> {
         let store = Store::open(&config.store)?;
         let tls: Tls = match config.tls {
-            true => Some(Arc::new(RwLock::new(tls::server_config(
-                &config.cert,
-                &config.key,
-            )?))),
+            true => Some(Arc::new(tls::ServerCert::load(&config.cert, &config.key)?)),
             false => None,
         };
         let addr = SocketAddr::new(config.bind_host, config.port);
@@ -148,13 +145,10 @@ impl Server {
     /// On an error the current certificate stays and the error says why.
     /// Waiting responders and live pairs hold no TLS state: they are not touched.
     pub fn reload_tls(&self) -> Result<bool> {
-        let Some(slot) = &self.tls else {
-            return Ok(false);
-        };
-        let c = &self.shared.config;
-        let fresh = tls::server_config(&c.cert, &c.key)?;
-        *unpoisoned(slot.write()) = fresh;
-        Ok(true)
+        match &self.tls {
+            Some(cert) => cert.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Stops accepting, closes rendezvous ports and waiting responders, lets live
@@ -225,7 +219,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, tls: Tls) {
             config.head_timeout
         };
         let s = shared.clone();
-        let tls = tls.as_ref().map(|t| unpoisoned(t.read()).clone());
+        let tls = tls.as_ref().map(|t| t.current());
         let spawned = spawn("conn", CONN_STACK, move || {
             let _slot = slot;
             handle_conn(&s, tls, stream, peer, head_timeout);

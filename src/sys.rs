@@ -294,17 +294,27 @@ pub fn refuse_foreign_dir(dir: &Path) -> Result<(), FileError> {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT; calls `on_hup` at each SIGHUP.
-pub fn wait_for_signal(on_hup: impl Fn()) -> io::Result<()> {
+/// Takes SIGTERM, SIGINT and SIGHUP from their default actions (from now on a
+/// SIGHUP no longer ends the process), for `wait_on`.
+pub fn signals() -> io::Result<signal_hook::iterator::Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+}
+
+/// Blocks until SIGTERM or SIGINT on `signals`; calls `on_hup` at each SIGHUP.
+pub fn wait_on(mut signals: signal_hook::iterator::Signals, on_hup: impl Fn()) -> io::Result<()> {
     for sig in signals.forever() {
-        if sig != SIGHUP {
+        if sig != signal_hook::consts::SIGHUP {
             break;
         }
         on_hup();
     }
     Ok(())
+}
+
+/// `wait_on` with the signals taken now.
+pub fn wait_for_signal(on_hup: impl Fn()) -> io::Result<()> {
+    wait_on(signals()?, on_hup)
 }
 
 /// Raises the soft limit on open files to the hard one: every relayed pair holds

@@ -5,13 +5,15 @@
 //! and the operator tools alike.
 //!
 //! Invariants: a handshake never outlives the `DeadlineStream` it runs on (an
-//! expiry is `Error::Timeout("handshake")`); loading a key that others may read
-//! is warned about; key material is never put in a message.
+//! expiry is `Error::Timeout("handshake")`); a `ServerCert` swaps its whole
+//! configuration at once, so a connection has the old certificate or the new
+//! one, and a file that does not load keeps the old; loading a key that others
+//! may read is warned about; key material is never put in a message.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -19,6 +21,7 @@ use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, Str
 
 use crate::error::{Error, Result};
 use crate::http::DeadlineStream;
+use crate::sys::unpoisoned;
 
 /// Where a host without a `ca` in its provisioning file finds the system roots
 /// (Debian and Fedora layouts).
@@ -118,10 +121,65 @@ pub fn client_config(ca_pem: Option<&str>) -> Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-/// The relay's side of a handshake on `io`, within its deadline.
+/// A served certificate and key (the relay's registrar certificate, the
+/// agent's label certificate), re-read on SIGHUP.
+pub struct ServerCert {
+    /// The certificate chain file (PEM).
+    cert: PathBuf,
+    /// The private key file (PEM).
+    key: PathBuf,
+    /// The configuration made from them; new connections take a clone.
+    config: RwLock<Arc<ServerConfig>>,
+}
+
+impl ServerCert {
+    /// Loads `cert` and `key`; the error names the file that does not load, or
+    /// says that the key is not the certificate's.
+    pub fn load(cert: &Path, key: &Path) -> Result<ServerCert> {
+        Ok(ServerCert {
+            config: RwLock::new(server_config(cert, key)?),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
+    }
+
+    /// The certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The key file.
+    pub fn key_path(&self) -> &Path {
+        &self.key
+    }
+
+    /// The configuration for a new connection.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        unpoisoned(self.config.read()).clone()
+    }
+
+    /// Re-reads both files (through symlinks, as certbot's `live/` files are);
+    /// on success new connections get them, on failure the old configuration
+    /// stays and the error says why. Connections made keep theirs.
+    pub fn reload(&self) -> Result<()> {
+        let fresh = server_config(&self.cert, &self.key)?;
+        *unpoisoned(self.config.write()) = fresh;
+        Ok(())
+    }
+}
+
+/// The server's side of a handshake on `io`, within its deadline. A TLS error
+/// (the client's garbage, or its alert: e.g. it does not trust the
+/// certificate) names the SNI the client sent.
 pub fn accept(config: &Arc<ServerConfig>, io: DeadlineStream) -> Result<ServerStream> {
     let conn = ServerConnection::new(config.clone()).map_err(|e| Error::Tls(e.to_string()))?;
-    handshake(StreamOwned::new(conn, io))
+    handshake(StreamOwned::new(conn, io)).map_err(|(conn, e)| match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            let sni = conn.server_name().unwrap_or("-");
+            Error::Tls(format!("handshake (SNI {sni}): {e}"))
+        }
+        _ => Error::io("handshake", e),
+    })
 }
 
 /// A client's handshake with `name` (SNI, and the name its certificate must
@@ -131,21 +189,21 @@ pub fn connect(config: &Arc<ClientConfig>, name: &str, io: DeadlineStream) -> Re
         ServerName::try_from(name.to_string()).map_err(|e| Error::Tls(format!("{name}: {e}")))?;
     let conn = ClientConnection::new(config.clone(), server_name)
         .map_err(|e| Error::Tls(e.to_string()))?;
-    handshake(StreamOwned::new(conn, io))
+    handshake(StreamOwned::new(conn, io)).map_err(|(_, e)| Error::io("handshake", e))
 }
 
-/// Drives a handshake to its end.
+/// Drives a handshake to its end; on an error, the connection and what failed.
 fn handshake<C, D>(
     mut tls: StreamOwned<C, DeadlineStream>,
-) -> Result<StreamOwned<C, DeadlineStream>>
+) -> std::result::Result<StreamOwned<C, DeadlineStream>, (C, std::io::Error)>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
     D: rustls::SideData,
 {
     while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .map_err(|e| Error::io("handshake", e))?;
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            return Err((tls.conn, e));
+        }
     }
     Ok(tls)
 }

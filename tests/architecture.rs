@@ -1,5 +1,5 @@
-//! The module graph follows the data flow (issue 15): every `src/*.rs` belongs
-//! to a declared layer, imports only from its own layer or those below, and no
+//! The module graph follows the data flow (issue 15): every module of `src/`
+//! (a file, with its submodules' files) belongs to a declared layer, imports only from its own layer or those below, and no
 //! imports go in a circle. An import is a `crate::NAME` path (or a name in a
 //! `use crate::{…}` group) outside the file's trailing `#[cfg(test)]` module and
 //! its comments; `main.rs` (the binary) and `lib.rs` (the map) are not modules.
@@ -29,27 +29,46 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// Items of `lib.rs` that are not modules but may be named (`crate::version()`).
 const LIB_ITEMS: &[&str] = &["version"];
 
-/// `src/NAME.rs` → the modules it imports.
+/// Module → the modules it imports. A module is `src/NAME.rs` with the files
+/// under `src/NAME/` (its submodules).
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut graph = BTreeMap::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
-        if path.extension().is_none_or(|e| e != "rs") || name == "lib" || name == "main" {
-            continue;
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let rel = path.strip_prefix(&src).unwrap();
+            let top = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_str()
+                .unwrap();
+            let name = top.trim_end_matches(".rs").to_string();
+            if name == "lib" || name == "main" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let body = match text.rfind("#[cfg(test)]\nmod tests") {
+                Some(i) => &text[..i],
+                None => &text[..],
+            };
+            let code: String = body
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            graph.entry(name).or_default().extend(imports(&code));
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let body = match text.rfind("#[cfg(test)]\nmod tests") {
-            Some(i) => &text[..i],
-            None => &text[..],
-        };
-        let code: String = body
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("//"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        graph.insert(name, imports(&code));
     }
     graph
 }
