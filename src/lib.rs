@@ -15,7 +15,8 @@
 //!    connection from the hidden server and puts it in the label's pool (`pool`).
 //!    `GET /pairings/LABEL` lists the label's pairings.
 //! 5. `LABEL.servers_domain`: a 307 to the label's `rendezvous` port. Each
-//!    connection there takes the oldest live responder from the pool.
+//!    connection there takes a responder once it has something to relay: at
+//!    accept the oldest that already spoke, else the oldest at its first octet.
 //! 6. `relay` copies octets both ways until both directions end.
 //!
 //! Around it: `config` (the validated TOML), `error` (one enum, one status
