@@ -667,9 +667,12 @@ fn remove_label(state: &State, id: &str, l: &str) -> Result<Response, Failure> {
             ),
         ));
     }
-    account
-        .labels
-        .retain(|x| !label::Entry::parse(x).is_ok_and(|e| e.name == l));
+    // As `owns` reads an entry: the label part, even of a malformed `cam:abc`.
+    account.labels.retain(|x| {
+        !x.split_once(':')
+            .map_or(x.as_str(), |(name, _)| name)
+            .eq_ignore_ascii_case(&l)
+    });
     state.store.update(&account)?;
     let mut r = json_response(&json!({ "account": summary(&account) }));
     r.note = format!("account {} no longer owns {l}", account.uuid);

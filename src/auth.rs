@@ -93,8 +93,9 @@ enum Key {
     Trusted(IpAddr, String),
 }
 
-/// Failure buckets, bounded: a queue of keys in the order their buckets will
-/// have refilled prunes a few per failure (amortised O(1)), and a new key at a
+/// Failure buckets, bounded: a queue of keys, each due a whole refill period
+/// after it was queued (so in due order), prunes a few per failure (amortised
+/// O(1)): a refilled bucket is forgotten, another queued again. A new key at a
 /// full table is not tracked: the caller then refuses (fails closed).
 struct Buckets {
     /// Bucket by key.
@@ -189,7 +190,7 @@ impl Guard {
             let next = (last + 1).saturating_mul(totp.step);
             let wait = Duration::from_secs(next.saturating_sub(unix_time).max(1));
             log::warn!(
-                "account {}: token of step {step} already used from another address; {peer} may retry in {} s",
+                "account {}: token of step {step} already used (or older than one used); {peer} may retry in {} s",
                 account.uuid,
                 wait.as_secs()
             );
@@ -283,7 +284,11 @@ impl Guard {
                         at: now,
                     },
                 );
-                buckets.due.push_back((key.clone(), now));
+                // Every key goes in with the same offset, so the queue stays in
+                // due order and pruning never waits behind one key.
+                buckets
+                    .due
+                    .push_back((key.clone(), now + self.full_refill()));
             }
             if let Some(b) = buckets.map.get_mut(key) {
                 self.refill_bucket(b, now);
@@ -311,10 +316,14 @@ impl Guard {
             if b.left >= self.budget {
                 buckets.map.remove(&key);
             } else {
-                let due = now + self.refill.mul_f64(self.budget - b.left);
-                buckets.due.push_back((key, due));
+                buckets.due.push_back((key, now + self.full_refill()));
             }
         }
+    }
+
+    /// How long a spent bucket takes to refill whole.
+    fn full_refill(&self) -> Duration {
+        self.refill.mul_f64(self.budget)
     }
 
     fn refill_bucket(&self, b: &mut Bucket, now: Instant) {

@@ -148,8 +148,8 @@ pub enum Error {
     },
     /// Too many failed attempts; retry after this long.
     Throttled(Duration),
-    /// A right token of a step already used from another address (replay rule):
-    /// retry after this long, at the next step.
+    /// A right token of a step already used from another address, or older than
+    /// one used (replay rule): retry after this long, at the next step.
     Replay(Duration),
     /// The `Host` is neither the registrar nor under `servers_domain`.
     MisdirectedHost(String),
@@ -360,7 +360,7 @@ impl fmt::Display for Error {
             }
             Error::Replay(d) => write!(
                 f,
-                "this step's token was already used from another address; retry in {} s",
+                "this step's token was already used (or is older than one used); retry in {} s",
                 seconds_up(*d)
             ),
             Error::MisdirectedHost(host) => write!(f, "host {host:?} is not served here"),

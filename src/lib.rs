@@ -16,7 +16,9 @@
 //!    connection from the hidden server and puts it in the label's pool (`pool`).
 //!    `GET /pairings/LABEL` lists the label's pairings.
 //! 5. `LABEL.servers_domain`: `rendezvous` answers a 307 to the label's
-//!    rendezvous port. Each connection there takes a live responder from the pool.
+//!    rendezvous port. Each connection there takes a responder from the pool once
+//!    it has something to relay: at accept the oldest that already spoke, else
+//!    the oldest at its first octet.
 //! 6. `relay` copies octets both ways until both directions end.
 //!
 //! What every step reads is `state` (the configuration, the store, the labels,

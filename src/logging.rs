@@ -87,6 +87,12 @@ fn open(path: &Path) -> Result<File> {
         .mode(0o600)
         .custom_flags(NOFOLLOW)
         .open(path)
+        .and_then(|f| {
+            // A log left 0644 by an earlier version becomes 0600 too.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(f)
+        })
         .map_err(|e| Error::file(path, "open log file", e))
 }
 

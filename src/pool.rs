@@ -153,17 +153,22 @@ impl Label {
     /// refusal is never caused by a stale pool.
     pub fn plug_slot(self: &Arc<Label>) -> Option<PlugSlot> {
         let max = self.max_waiting();
-        let take = |waiting: usize| {
+        // Under the push lock: prune and take_speaking empty the channel for a
+        // moment while they hold it, and a count taken then would read 0.
+        let take = || {
+            let _guard = lock(&self.push_lock);
+            let waiting = self.rx.len();
             self.plugs
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                     (n + waiting < max).then_some(n + 1)
                 })
                 .is_ok()
         };
-        if take(self.waiting()) || take(self.prune()) {
+        if take() {
             return Some(PlugSlot(self.clone()));
         }
-        None
+        self.prune();
+        take().then(|| PlugSlot(self.clone()))
     }
 
     /// Plugs open now.

@@ -47,14 +47,12 @@ pub fn handle(
         let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
         let fixed = account.fixed_port(&name);
-        if let Some(port) = fixed {
-            // A record written by another tool (the original's users page) may
-            // name a port this relay keeps for itself.
-            shared.config.check_entry(&label::Entry {
-                name: name.clone(),
-                port: Some(port),
-            })?;
-        }
+        // A record written by another tool (the original's users page) may
+        // own the reserved label or name a port this relay keeps for itself.
+        shared.config.check_entry(&label::Entry {
+            name: name.clone(),
+            port: fixed,
+        })?;
         lab.set_fixed_port(fixed);
         if fixed.is_some() {
             // A fixed port listens from the label's first registration on; one

@@ -3,8 +3,10 @@
 //! first sent there, given out in every 307 while open, and closed after
 //! `rendezvous_idle` with no waiting responder and no new connection. A label
 //! with a fixed port (`LABEL:PORT`) listens there from its first registration
-//! until the relay stops. Each connection accepted there is paired with a
-//! waiting responder of the label's pool and relayed.
+//! until the relay stops. Each connection accepted there is paired once it has
+//! something to relay: at accept with the oldest responder that already spoke,
+//! else with the oldest at its first octet (within `first_octet_timeout`; a
+//! responder is awaited up to `pair_wait`), and relayed.
 //!
 //! Invariants: at most one open port per label (the label's lock is held while
 //! opening); the accept loop only accepts and spawns, it never waits on a peer; a

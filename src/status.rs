@@ -2,7 +2,8 @@
 //! HTTP, `GET /metrics` (Prometheus text), `GET /status` (JSON), `GET /ready`.
 //!
 //! Invariants: it shares nothing with the well-known port but the counters; at most
-//! `MAX_STATUS_CONNS` requests are served at once, each under `STATUS_TIMEOUT`.
+//! `MAX_STATUS_CONNS` requests are served at once, each in its own thread, its
+//! head under `STATUS_HEAD_TIMEOUT` and its answer under `STATUS_TIMEOUT`.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;

@@ -351,6 +351,17 @@ fn check_write<'a>(
     if !new && !exists {
         return Err(Error::NoSuchAccount(account.uuid.clone()));
     }
+    let ports: Vec<u16> = account.fixed_ports().collect();
+    if let Some(port) = ports
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| ports[..i].contains(p).then_some(*p))
+    {
+        return Err(Error::PortTaken {
+            port,
+            owner: account.uuid.clone(),
+        });
+    }
     for other in others.filter(|a| a.uuid != account.uuid) {
         if let Some(l) = account.labels.iter().find(|l| other.owns(entry_name(l))) {
             return Err(Error::LabelTaken {
@@ -415,6 +426,9 @@ impl FileStore {
     fn modify(&self, change: impl FnOnce(&mut AccountMap) -> Result<()>) -> Result<()> {
         refuse_foreign_dir(self.dir())?;
         refuse_symlink(&self.path)?;
+        // Root replacing another user's store would leave it root's and 0600:
+        // unreadable for the relay.
+        refuse_foreign_dir(&self.path)?;
         let _lock = self.lock()?;
         let mut map = self.read()?;
         change(&mut map)?;
@@ -783,6 +797,20 @@ mod tests {
             b"{ half",
             "another's file untouched"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_fixed_port_twice_in_an_account_is_refused() {
+        let dir = tempfile_dir("ports");
+        let store = Store::File(FileStore::new(&dir.join("accounts.json")));
+        let a = Account::new(None, &["a:8888".into(), "b:8888".into()]).unwrap();
+        assert!(matches!(
+            store.insert(&a),
+            Err(Error::PortTaken { port: 8888, .. })
+        ));
+        let b = Account::new(None, &["a:8888".into(), "b:8889".into()]).unwrap();
+        store.insert(&b).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 
