@@ -608,7 +608,11 @@ fn drips_cannot_hold_the_last_quarter_of_the_slots() {
         took >= Duration::from_secs(2) && took < Duration::from_secs(6),
         "crowded connections closed after {took:?} (head_timeout is 30 s)"
     );
-    assert_eq!(probe(&relay), 503, "a legitimate request is answered");
+    // The peer may see the close a moment before the relay frees the slot.
+    assert!(
+        wait_until(LIMIT, || probe(&relay) == 503),
+        "a legitimate request is answered"
+    );
     drop(early);
 }
 
