@@ -102,6 +102,8 @@ struct Buckets {
     map: HashMap<Key, Bucket>,
     /// Every key of `map` once, with when its bucket was (last seen) due full.
     due: VecDeque<(Key, Instant)>,
+    /// The table was found full and that was logged.
+    full_logged: bool,
 }
 
 /// How many throttle keys are tracked at once (about 100 bytes each: 5 MB).
@@ -143,6 +145,7 @@ impl Guard {
             buckets: Mutex::new(Buckets {
                 map: HashMap::new(),
                 due: VecDeque::new(),
+                full_logged: false,
             }),
             trusted: Mutex::new(HashMap::new()),
             last_step: Mutex::new(HashMap::new()),
@@ -257,11 +260,16 @@ impl Guard {
             } else if full {
                 self.prune(&mut buckets, now, MAX_TRACKED);
                 if buckets.map.len() >= MAX_TRACKED {
-                    log::warn!(
-                        "failed-authentication table full ({MAX_TRACKED} keys): refusing untracked sources"
-                    );
+                    // Once per spell of fullness: a flood must not flood the log.
+                    if !buckets.full_logged {
+                        buckets.full_logged = true;
+                        log::warn!(
+                            "failed-authentication table full ({MAX_TRACKED} keys): refusing untracked sources"
+                        );
+                    }
                     return Err(Error::Throttled(self.refill));
                 }
+                buckets.full_logged = false;
             }
         }
         Ok(())

@@ -125,6 +125,24 @@ pub fn run_until_idle(
     (moved, error)
 }
 
+/// The error of a pair closed by its idle deadline. Told apart by its type
+/// from a peer that keepalive found dead, which is `TimedOut` too.
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("idle_timeout: no octet either way")
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+/// Did `run_until_idle` end the pair for being idle?
+pub fn is_idle_timeout(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<IdleTimeout>())
+}
+
 /// Waits until a direction can move, or for `PIPE_IDLE` when a direction holds
 /// an empty pipe or buffer, which is then given back; `TimedOut` once
 /// `idle_until` passes.
@@ -162,10 +180,7 @@ fn wait(
         Some(t) => {
             let left = t.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "idle_timeout: no octet either way",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, IdleTimeout));
             }
             Some(left)
         }
@@ -625,7 +640,7 @@ mod tests {
             let (mut mobile, mut hidden, t) = idle_pair(copier, idle);
             let (moved, err, closed) = t.join().unwrap();
             assert_eq!(moved, Moved::default());
-            assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+            assert!(err.as_ref().is_some_and(is_idle_timeout), "{err:?}");
             let took = closed - start;
             assert!(took >= idle && took < idle + margin, "{copier:?}: {took:?}");
             let mut rest = Vec::new();

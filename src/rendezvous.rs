@@ -65,6 +65,10 @@ pub fn redirect(
 /// port when it has one (`LABEL:PORT`), else a free port of `port_range`.
 pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
     let mut slot = lock(&label.rendezvous);
+    if shared.stopping() {
+        // Shutdown has closed every port (under this lock): open no new one.
+        return Err(Error::Limit("draining"));
+    }
     let fixed = label.fixed_port();
     if let Some(open) = slot.as_ref() {
         if fixed.is_none_or(|port| port == open.port) {
@@ -246,10 +250,7 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     // The pair leaves the table (pairs active) before it counts as closed.
     drop(permit);
     shared.metrics.pair_closed(moved.up, moved.down);
-    if err
-        .as_ref()
-        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-    {
+    if err.as_ref().is_some_and(relay::is_idle_timeout) {
         shared.metrics.pair_idle_closed();
     }
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
