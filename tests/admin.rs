@@ -603,12 +603,15 @@ fn limits_body_head_labels_and_connections() {
 
     // MAX_ADMIN_CONNS idle connections hold every slot; the next is closed
     // unanswered; once they go, the page answers again.
-    let idle: Vec<TcpStream> = (0..MAX_ADMIN_CONNS)
+    let mut idle: Vec<TcpStream> = (0..MAX_ADMIN_CONNS)
         .map(|_| TcpStream::connect(p.addr()).unwrap())
         .collect();
-    // (The accept thread takes them in its own time: a probe answered before it
-    // has does not hold a slot afterwards, so probe until one is refused.)
-    let refused = support::wait_until(Duration::from_secs(10), || {
+    // (Threads of the requests above may still hold slots while they linger, so
+    // some idle connections may have been closed at accept; a probe answered
+    // meanwhile holds no slot afterwards. Each round adds one more idle
+    // connection, until a probe is refused.)
+    let refused = support::wait_until(Duration::from_secs(8), || {
+        idle.push(TcpStream::connect(p.addr()).unwrap());
         let mut extra = TcpStream::connect(p.addr()).unwrap();
         extra
             .set_read_timeout(Some(Duration::from_secs(5)))
