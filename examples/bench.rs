@@ -507,11 +507,18 @@ impl Relay {
         follow_307(tls, &name)
     }
 
-    /// A relayed pair: (mobile, hidden).
+    /// A relayed pair: (mobile, hidden). The mobile's first octet pairs it (a
+    /// connection takes a responder only then), and the hidden side reads it,
+    /// so a pair where the hidden side speaks first, and an idle pair, are
+    /// relayed pairs and not a mobile still waiting.
     fn pair(&self) -> Res<(TcpStream, TcpStream)> {
-        let h = self.responder()?;
-        let m = TcpStream::connect(self.q)?;
+        let mut h = self.responder()?;
+        let mut m = TcpStream::connect(self.q)?;
         m.set_nodelay(true)?;
+        m.write_all(b"!")?;
+        h.set_read_timeout(Some(Duration::from_secs(10)))?;
+        h.read_exact(&mut [0u8; 1])?;
+        h.set_read_timeout(None)?;
         Ok((m, h))
     }
 
@@ -665,15 +672,9 @@ impl Relay {
     /// Pairs held at once, up to `MAX_PAIRS`, stopping where the machine says no.
     fn max_pairs(&self) -> Res<usize> {
         let mut held = Vec::new();
-        // A pair counts once a byte has crossed it.
+        // A pair counts once a byte has crossed it (`pair` sees to it).
         while held.len() < MAX_PAIRS {
-            let proven = self.pair().and_then(|(mut m, mut h)| {
-                m.write_all(b"!")?;
-                h.set_read_timeout(Some(Duration::from_secs(5)))?;
-                h.read_exact(&mut [0u8; 1])?;
-                Ok((m, h))
-            });
-            match proven {
+            match self.pair() {
                 Ok(p) => held.push(p),
                 Err(e) => {
                     eprintln!("stopped at {} pairs: {e}", held.len());
