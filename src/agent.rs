@@ -2,9 +2,13 @@
 //! for one label and pipes each relayed connection to a local TCP service.
 //!
 //! Each of the `pool` slots is one thread that loops: register (PROTOCOL.md
-//! section 1), connect to the plug, wait for the mobile client's first octet, hand
-//! the connection to a pipe thread, register again. So a burst of mobile
-//! connections is met by all slots re-registering at once, not one after another.
+//! section 1), connect to the plug, wait for the mobile client's first octet.
+//! Then that thread connects to the local service and pipes the connection
+//! itself, and a new thread takes the slot over and registers again as soon as
+//! the service's first answer is on its way back (at most `REFILL_DELAY` on):
+//! the mobile's first octets wait for no thread start and share the CPU with no
+//! TLS handshake. So a burst of mobile connections is met by all slots
+//! re-registering at once, not one after another.
 //!
 //! Invariants:
 //! - failures back off exponentially with jitter, capped at `MAX_BACKOFF`; 401 and
@@ -54,6 +58,11 @@ pub const MAX_ANSWER: usize = 16 * 1024;
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Stack of slot and pipe threads.
 pub const AGENT_STACK: usize = 128 * 1024;
+/// Longest wait, once a mobile client's first octets have arrived, before the
+/// slot registers again: until the local service's first answer is on its way
+/// back, so that the registration's TLS handshake (CPU on both sides) does not
+/// compete with it (`make bench`: connect → first byte).
+pub const REFILL_DELAY: Duration = Duration::from_millis(20);
 /// A waiting connection the relay closes sooner than this counts as a failure
 /// (backed off), so an agent whose pool exceeds the relay's `max_waiting` does
 /// not re-register in a loop.
@@ -609,8 +618,13 @@ impl Agent {
             cfg.pool
         );
         for n in 0..cfg.pool {
-            let (r, c, s) = (registrar.clone(), cfg.clone(), stop.clone());
-            spawn("slot", AGENT_STACK, move || slot(n, &r, &c, &s))?;
+            let s = Slot {
+                n,
+                registrar: registrar.clone(),
+                cfg: cfg.clone(),
+                stop: stop.clone(),
+            };
+            spawn("slot", AGENT_STACK, move || slot(&s))?;
         }
         Ok(Agent { stop })
     }
@@ -683,7 +697,21 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
     false
 }
 
-fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) {
+/// One of the `pool` slots: what its thread needs, and hands to the thread that
+/// takes the slot over.
+#[derive(Clone)]
+struct Slot {
+    n: usize,
+    registrar: Arc<Registrar>,
+    cfg: Arc<ExposeConfig>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Registers, waits for a mobile client, again, until the agent stops. A slot
+/// whose mobile client spoke pipes it in this thread, and hands the slot to a
+/// new thread once the first answer is on its way (`Waited::HandedOver`).
+fn slot(s: &Slot) {
+    let (n, registrar, cfg, stop) = (s.n, &*s.registrar, &*s.cfg, &*s.stop);
     let mut failures = Failures {
         count: 0,
         reported: Instant::now(),
@@ -693,7 +721,8 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
             Ok(plug) => match TcpStream::connect_timeout(&plug, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     let since = Instant::now();
-                    match serve_one(n, stream, cfg, stop) {
+                    match serve_one(s, stream) {
+                        Waited::HandedOver => return,
                         Waited::Ended if since.elapsed() < SHORT_WAIT => {
                             // Most likely evicted: more responders wait than
                             // the relay keeps.
@@ -762,17 +791,25 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
 
 /// How a waiting connection ended.
 enum Waited {
-    /// The mobile side spoke: the connection went to a pipe thread.
+    /// The mobile side spoke: the connection went to a pipe thread, or was
+    /// piped here and the slot could not be handed over (no thread), or the
+    /// local service was down (that connection was closed).
     Spoke,
+    /// The mobile side spoke and this thread piped it; another thread has the
+    /// slot now.
+    HandedOver,
     /// The relay closed it, or the agent is stopping.
     Ended,
     /// `--eager` could not reach the local service.
     LocalDown(Error),
 }
 
-/// Waits on one responder connection until the mobile side speaks, then hands
-/// it to a pipe thread.
-fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool) -> Waited {
+/// Waits on one responder connection until the mobile side speaks, then pipes
+/// it to the local service: here, connecting at once (no thread start on the
+/// way), with a new thread taking the slot over when the first answer has been
+/// passed back or `REFILL_DELAY` has gone by; with `eager`, in a pipe thread.
+fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
+    let (n, cfg, stop) = (s.n, &*s.cfg, &*s.stop);
     // The relay may vanish without a FIN (host down, NAT mapping lost): the
     // agent never sends on a waiting connection, so only keepalive notices.
     let _ = crate::pool::set_keepalive(&relayed);
@@ -804,32 +841,62 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
     let peer = relayed
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
-    let to = cfg.to.clone();
-    let spawned = spawn("pipe", AGENT_STACK, move || match early {
-        Some(local) => {
+    let to = &cfg.to;
+    if let Some(local) = early {
+        let to = to.clone();
+        let spawned = spawn("pipe", AGENT_STACK, move || {
             let (moved, _) = relay::one_way(&relayed, &local, relay::Copier::Splice);
             log::info!("pipe via {peer} to {to} done: {moved} up");
+        });
+        if let Err(e) = spawned {
+            log::error!("slot {n}: {e}");
         }
-        None => match connect_local(&to) {
-            Ok(local) => {
-                let (moved, err) =
-                    relay::run(Arc::new(relayed), Arc::new(local), relay::Copier::Splice);
-                let how = err.map_or_else(String::new, |e| format!(" ({e})"));
-                log::info!(
-                    "pipe via {peer} to {to}: {} up, {} down{how}",
-                    moved.up,
-                    moved.down
-                );
-            }
-            Err(e) => {
-                log::warn!("local service {to} unreachable: {e}; closed that mobile connection")
-            }
-        },
-    });
-    if let Err(e) = spawned {
-        log::error!("slot {n}: {e}");
+        return Waited::Spoke;
     }
-    Waited::Spoke
+    let local = match connect_local(to) {
+        Ok(local) => local,
+        Err(e) => {
+            log::warn!("local service {to} unreachable: {e}; closed that mobile connection");
+            return Waited::Spoke;
+        }
+    };
+    let mut handed = false;
+    let hand_over = relay::Hook {
+        toward: relay::Toward::Mobile,
+        by: Instant::now() + REFILL_DELAY,
+        call: || {
+            let next = s.clone();
+            match spawn("slot", AGENT_STACK, move || slot(&next)) {
+                Ok(()) => handed = true,
+                Err(e) => log::error!("slot {n}: {e}; registering again after this connection"),
+            }
+            Ok(())
+        },
+    };
+    // The mobile's first octets are there: the first turn passes them on.
+    let ready = relay::Ready {
+        mobile: true,
+        hidden: false,
+    };
+    let (moved, err) = relay::run_with(
+        Arc::new(relayed),
+        Arc::new(local),
+        relay::Copier::Splice,
+        None,
+        ready,
+        hand_over,
+    );
+    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+    log::info!(
+        "pipe via {peer} to {to}: {} up, {} down{how}",
+        moved.up,
+        moved.down
+    );
+    if handed {
+        Waited::HandedOver
+    } else {
+        Waited::Spoke
+    }
 }
 
 /// Waits until the mobile side's first octet arrives (true), or the waiting
