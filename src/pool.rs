@@ -69,21 +69,21 @@ pub enum PeerState {
     Speaking,
 }
 
-/// Peeks at `stream` without consuming or blocking.
+/// Peeks at `stream` without consuming or blocking: one `recv(MSG_PEEK |
+/// MSG_DONTWAIT)`, whatever the socket's own blocking mode (pairing peeks at
+/// every waiting responder, so this is on each mobile connection's way).
 pub fn peer_state(stream: &TcpStream) -> PeerState {
-    if stream.set_nonblocking(true).is_err() {
-        return PeerState::Gone;
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    let flags = nix::libc::MSG_PEEK | nix::libc::MSG_DONTWAIT;
+    loop {
+        return match socket2::SockRef::from(stream).recv_with_flags(&mut byte, flags) {
+            Ok(0) => PeerState::Gone,
+            Ok(_) => PeerState::Speaking,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeerState::Quiet,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => PeerState::Gone,
+        };
     }
-    let state = match stream.peek(&mut [0u8; 1]) {
-        Ok(0) => PeerState::Gone,
-        Ok(_) => PeerState::Speaking,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeerState::Quiet,
-        Err(_) => PeerState::Gone,
-    };
-    if stream.set_nonblocking(false).is_err() {
-        return PeerState::Gone;
-    }
-    state
 }
 
 /// Turns on TCP keepalive with the short intervals above, so a peer that vanished

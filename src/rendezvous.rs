@@ -210,10 +210,9 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
         return;
     }
     let hidden = responder.stream;
-    for s in [&mobile, &hidden] {
-        let _ = s.set_nodelay(true);
-        let _ = pool::set_keepalive(s);
-    }
+    // The responder has both since its plug accepted it.
+    let _ = mobile.set_nodelay(true);
+    let _ = pool::set_keepalive(&mobile);
     let (mobile, hidden) = (Arc::new(mobile), Arc::new(hidden));
     permit.attach(&mobile, &hidden);
     let record = Pairing {
@@ -265,8 +264,15 @@ enum FirstOctet {
     TimedOut,
 }
 
-/// Waits up to `limit` for `mobile`'s first octet, without consuming it.
+/// Waits up to `limit` for `mobile`'s first octet, without consuming it. An
+/// octet already there (the usual case: a client writes as soon as it is
+/// connected) costs one non-blocking peek.
 fn first_octet(mobile: &TcpStream, limit: Duration) -> FirstOctet {
+    match pool::peer_state(mobile) {
+        pool::PeerState::Speaking => return FirstOctet::Arrived,
+        pool::PeerState::Gone => return FirstOctet::Gone,
+        pool::PeerState::Quiet => {}
+    }
     if mobile.set_read_timeout(Some(limit)).is_err() {
         return FirstOctet::Gone;
     }
