@@ -7,8 +7,10 @@
 //! (waiting up to `pair_wait`) and relayed.
 //!
 //! Invariants: at most one open port per label (the label's lock is held while
-//! opening); the accept loop only accepts and spawns, it never waits on a peer; a
-//! connection beyond `max_pairs` is closed at once.
+//! opening); a thread in accept never waits on a peer: the one that accepts a
+//! connection starts the port's next accepting thread before it first waits
+//! on one (or once the mobile's first octets are passed on), or goes on
+//! accepting itself; a connection beyond `max_pairs` is closed at once.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +22,8 @@ use crate::pool::{self, Label, Pairing};
 use crate::relay;
 use crate::server::{PairPermit, Shared, spawn, wake};
 
-/// Stack of a pairing thread: waits, logs, then relays the pair (`relay::run`,
+/// Stack of a rendezvous thread: accepts, then pairs, logs and relays the
+/// connection it accepted (`relay::run`,
 /// whose buffers, when used, are on the heap). Kept under a quarter of
 /// `CONN_STACK`: glibc hands a new thread a cached stack up to four times the
 /// size asked, and a stack that served a TLS handshake keeps its touched pages.
@@ -96,10 +99,13 @@ pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
         last_used: Mutex::new(Instant::now()),
         closed: AtomicBool::new(false),
     });
-    let (s, l, r) = (shared.clone(), label.clone(), rv.clone());
-    spawn("rendezvous", PAIR_STACK, move || {
-        accept_loop(&s, &l, &r, listener)
-    })?;
+    let port = Port {
+        shared: shared.clone(),
+        label: label.clone(),
+        rv: rv.clone(),
+        listener: Arc::new(listener),
+    };
+    spawn("rendezvous", PAIR_STACK, move || accept_loop(port))?;
     log::info!("rendezvous {} open for {}", rv.port, label.name);
     shared.metrics.rendezvous_open(1);
     *slot = Some(rv.clone());
@@ -128,54 +134,117 @@ pub fn close_idle(shared: &Shared) {
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, label: &Arc<Label>, rv: &Rendezvous, listener: TcpListener) {
+/// An open rendezvous port, as its accepting thread holds it.
+#[derive(Clone)]
+struct Port {
+    shared: Arc<Shared>,
+    label: Arc<Label>,
+    rv: Arc<Rendezvous>,
+    listener: Arc<TcpListener>,
+}
+
+/// Accepts on the port until it closes. The thread that accepts a connection
+/// pairs and relays it itself, and starts the port's next accepting thread
+/// once the mobile's first octets have been passed on, or before it first
+/// waits on a peer: so those octets wait for no thread start, and the port is
+/// without a thread in accept only for that while. A thread that never
+/// started its successor (the mobile left or was refused, or no thread could
+/// be had: that pair is closed) goes on accepting itself.
+fn accept_loop(mut port: Port) {
     loop {
-        let accepted = listener.accept();
-        if rv.closed.load(Ordering::SeqCst) || shared.stopping() {
+        let accepted = port.listener.accept();
+        if port.rv.closed.load(Ordering::SeqCst) || port.shared.stopping() {
             break;
         }
         let (mobile, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                shared
+                port.shared
                     .refusals
                     .note("accept on rendezvous port", &e.to_string());
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
-        rv.touch();
-        let permit = match shared.acquire_pair(peer.ip()) {
+        port.rv.touch();
+        let permit = match port.shared.acquire_pair(peer.ip()) {
             Ok(permit) => permit,
             Err(limit) => {
-                shared
+                port.shared
                     .refusals
-                    .note(limit, &format!("{} from {peer}", label.name));
-                shared.metrics.refused(limit);
+                    .note(limit, &format!("{} from {peer}", port.label.name));
+                port.shared.metrics.refused(limit);
                 continue;
             }
         };
-        let (s, l) = (shared.clone(), label.clone());
-        if let Err(e) = spawn("pair", PAIR_STACK, move || {
-            pair(&s, &l, mobile, peer, permit)
-        }) {
-            log::error!("{}: no thread for {peer}: {e}", label.name);
+        let (shared, label) = (port.shared.clone(), port.label.clone());
+        let mut next = Some(port);
+        pair(&shared, &label, mobile, peer, permit, &mut || {
+            start_next(&mut next)
+        });
+        match next {
+            Some(p) => port = p,
+            None => return,
         }
     }
-    shared.metrics.rendezvous_open(-1);
+    port.shared.metrics.rendezvous_open(-1);
+}
+
+/// Starts the port's next accepting thread, once; the port is theirs then
+/// (this thread keeps no listener open). When no thread can be had, the port
+/// stays here.
+fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
+    let Some(port) = next.take() else {
+        return Ok(());
+    };
+    let theirs = port.clone();
+    match spawn("rendezvous", PAIR_STACK, move || accept_loop(theirs)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            *next = Some(port);
+            Err(std::io::Error::other(format!(
+                "no thread to accept on: {e}"
+            )))
+        }
+    }
 }
 
 /// Pairs one mobile connection once it has something to relay, and relays it
 /// to the end: at once with the oldest responder that already spoke (its
 /// octets wait at the relay), else with the oldest responder when the mobile's
 /// first octet arrives. A connection silent for `first_octet_timeout` is
-/// closed without having taken a responder.
-fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, permit: PairPermit) {
-    let responder = match label.take_speaking() {
-        Some(r) => r,
+/// closed without having taken a responder. `go_on` starts the port's next
+/// accepting thread: called before anything here waits on a peer, else by the
+/// relay once the first octets have been passed on; when it fails, the
+/// connection is closed.
+fn pair(
+    shared: &Shared,
+    label: &Label,
+    mobile: TcpStream,
+    peer: SocketAddr,
+    permit: PairPermit,
+    go_on: &mut dyn FnMut() -> std::io::Result<()>,
+) {
+    let no_thread = |e: std::io::Error| log::error!("{}: {peer} closed: {e}", label.name);
+    let (responder, ready) = match label.take_speaking() {
+        Some(r) => (
+            r,
+            relay::Ready {
+                mobile: false,
+                hidden: true,
+            },
+        ),
         None => {
             let limit = shared.config.first_octet_timeout;
-            match first_octet(&mobile, limit) {
+            let arrived = match pool::peer_state(&mobile) {
+                pool::PeerState::Speaking => FirstOctet::Arrived,
+                pool::PeerState::Gone => FirstOctet::Gone,
+                pool::PeerState::Quiet => match go_on() {
+                    Ok(()) => first_octet(&mobile, limit),
+                    Err(e) => return no_thread(e),
+                },
+            };
+            match arrived {
                 FirstOctet::Arrived => {}
                 FirstOctet::Gone => {
                     log::info!("{}: {peer} left without sending anything", label.name);
@@ -191,7 +260,14 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
                     return;
                 }
             }
-            let Some(r) = label.take(shared.config.pair_wait) else {
+            let taken = match label.take(Duration::ZERO) {
+                Some(r) => Some(r),
+                None => match go_on() {
+                    Ok(()) => label.take(shared.config.pair_wait),
+                    Err(e) => return no_thread(e),
+                },
+            };
+            let Some(r) = taken else {
                 log::warn!(
                     "{}: no responder for {peer} within pair_wait ({} s); closed",
                     label.name,
@@ -200,7 +276,13 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
                 shared.metrics.refused("pair_wait");
                 return;
             };
-            r
+            (
+                r,
+                relay::Ready {
+                    mobile: true,
+                    hidden: false,
+                },
+            )
         }
     };
     if !pool::is_alive(&mobile) {
@@ -230,11 +312,18 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();
-    let (moved, err) = relay::run_until_idle(
+    let next_thread = relay::Hook {
+        toward: relay::Toward::Hidden,
+        by: started,
+        call: go_on,
+    };
+    let (moved, err) = relay::run_with(
         mobile,
         hidden,
         shared.config.copier,
         shared.config.idle_timeout,
+        ready,
+        next_thread,
     );
     shared.metrics.pair_closed(moved.up, moved.down);
     if err
@@ -264,15 +353,8 @@ enum FirstOctet {
     TimedOut,
 }
 
-/// Waits up to `limit` for `mobile`'s first octet, without consuming it. An
-/// octet already there (the usual case: a client writes as soon as it is
-/// connected) costs one non-blocking peek.
+/// Waits up to `limit` for `mobile`'s first octet, without consuming it.
 fn first_octet(mobile: &TcpStream, limit: Duration) -> FirstOctet {
-    match pool::peer_state(mobile) {
-        pool::PeerState::Speaking => return FirstOctet::Arrived,
-        pool::PeerState::Gone => return FirstOctet::Gone,
-        pool::PeerState::Quiet => {}
-    }
     if mobile.set_read_timeout(Some(limit)).is_err() {
         return FirstOctet::Gone;
     }
