@@ -591,7 +591,7 @@ impl Relay {
     /// HTTPS GET on LABEL's host: the 307's port.
     fn rendezvous(&self, label: &str) -> Res<SocketAddr> {
         let name = format!("{label}.taas.localhost");
-        let cfg = taas::cert::client_config(Some(&self.relay_ca))?;
+        let cfg = taas::tls::client_config(Some(&self.relay_ca))?;
         let conn = rustls::ClientConnection::new(
             cfg,
             rustls::pki_types::ServerName::try_from(name.clone())?,
@@ -941,7 +941,7 @@ struct Client {
 impl Client {
     fn flow(&self) -> Res<()> {
         let name = "agent.taas.localhost";
-        let cfg = taas::cert::client_config(Some(&self.ca))?;
+        let cfg = taas::tls::client_config(Some(&self.ca))?;
         let conn =
             rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::try_from(name)?)?;
         let tls = rustls::StreamOwned::new(conn, TcpStream::connect(self.addr)?);

@@ -40,7 +40,7 @@ fn get(
     path: &str,
     ca: &str,
 ) -> Result<String, Box<dyn Error>> {
-    let config: Arc<rustls::ClientConfig> = taas::cert::client_config(Some(ca))?;
+    let config: Arc<rustls::ClientConfig> = taas::tls::client_config(Some(ca))?;
     let conn = rustls::ClientConnection::new(config, ServerName::try_from(name.to_string())?)?;
     let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr)?);
     write!(

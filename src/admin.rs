@@ -18,7 +18,7 @@
 //! | --- | --- |
 //! | `GET /`, `/app.js`, `/app.css` | the page (no token needed: it carries one) |
 //! | `GET /api/accounts` | `{ "accounts": [ACCOUNT, ..] }`, ordered by ID |
-//! | `POST /api/accounts` `{ "label": L, "id"?: UUID }` | `{ "account": ACCOUNT }`; 409 when the ID exists or another account owns L |
+//! | `POST /api/accounts` `{ "label": L, "id"?: UUID }` | `{ "account": ACCOUNT, "certificate": CERT }`; 409 when the ID exists or another account owns L |
 //! | `DELETE /api/accounts/ID` | `{ "deleted": ID }`; 404 when there is none |
 //! | `POST /api/accounts/ID/labels` `{ "label": L }` | `{ "account": ACCOUNT }`; 409 when another account owns L |
 //! | `DELETE /api/accounts/ID/labels/L` | `{ "account": ACCOUNT }`; 409 for the last label |
@@ -26,8 +26,15 @@
 //! | `GET /api/accounts/ID/provision.json` | the provisioning file `ID.json` (attachment) |
 //! | `GET /api/accounts/ID/provision.js` | the legacy `ID.js` (attachment, `text/plain`) |
 //! | `GET /api/accounts/ID/qr.svg` | the `otpauth://` URI as a QR code, SVG drawn here |
+//! | `POST /api/accounts/ID/certificate` | `{ "certificate": CERT }`: a new label certificate and key |
 //!
-//! # Safety (PROTOCOL.md section 5: "admin requests need a same-origin token")
+//! CERT is `{ "names": [LABEL.servers_domain, ..], "cert": PEM, "key": PEM }`,
+//! the label certificate the relay's CA issues for every label of the account
+//! and its new key (the page offers them as `ID.crt` and `ID.key`); it is
+//! `null` when the relay runs without TLS and has no CA. The key is made for
+//! this answer and kept nowhere else: a POST, since each one makes a new key.
+//!
+//! # Safety (docs/PROTOCOL.md section 5: "admin requests need a same-origin token")
 //!
 //! - The `Host` of every request, the page included, must be the listen address
 //!   or `localhost` with its port: a DNS-rebinding page (`evil.example` resolving
@@ -52,11 +59,9 @@
 //! line. Label edits read the record and write it back: when two operators edit
 //! the same account at the same instant the last write wins.
 
-use std::io::{self, BufReader, Read};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -65,13 +70,13 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::http::{self, DeadlineStream, Response};
+use crate::http::{self, DeadlineStream, Head, Response, Serving, WRITE_TIMEOUT};
 use crate::label;
 use crate::provision::Provision;
-use crate::server::{CONN_STACK, SMALL_STACK, WRITE_TIMEOUT, spawn, wake};
 use crate::store::{Account, Store};
+use crate::sys::{CONN_STACK, random_bytes};
 
-/// `taas admin`'s address when `--listen` is not given (INTERFACE.md).
+/// `taas admin`'s address when `--listen` is not given (docs/INTERFACE.md).
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8893);
 /// Connections served at once; more are closed. A browser opens about six per
 /// host; one operator never needs more.
@@ -115,20 +120,14 @@ struct State {
     token: String,
     /// The bound address (the `Host` and `Origin` requests must name).
     addr: SocketAddr,
-    /// Set to stop the accept loop.
-    stop: AtomicBool,
-    /// Connections being served.
-    busy: AtomicUsize,
-    /// Set while at `MAX_ADMIN_CONNS`, so a burst of refusals logs one line.
-    full: AtomicBool,
 }
 
 /// A running admin page; dropping it stops accepting.
 pub struct Admin {
     /// State shared with the threads.
     state: Arc<State>,
-    /// The accept loop, joined on shutdown.
-    accept: Mutex<Option<JoinHandle<()>>>,
+    /// The listener.
+    serving: Serving,
 }
 
 impl Admin {
@@ -136,33 +135,21 @@ impl Admin {
     /// Does not check that `addr` is loopback: `run` does.
     pub fn bind(config: Config, addr: SocketAddr) -> Result<Admin> {
         let store = Store::open(&config.store)?;
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| Error::Usage(format!("cannot listen on {addr}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("admin bind", e))?;
+        let (listener, addr) = http::bind("the admin page", addr)?;
         let mut bytes = [0u8; TOKEN_BYTES];
-        crate::store::random_bytes(&mut bytes)?;
+        random_bytes(&mut bytes)?;
         let token = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let state = Arc::new(State {
             config,
             store,
             token,
             addr,
-            stop: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
         });
         let s = state.clone();
-        let accept = std::thread::Builder::new()
-            .name("admin".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || accept_loop(&listener, &s))
-            .map_err(|e| Error::io("spawn thread", e))?;
-        Ok(Admin {
-            state,
-            accept: Mutex::new(Some(accept)),
-        })
+        let serve = move |stream, peer| serve(&s, stream, peer);
+        let conn = ("admin-conn", CONN_STACK);
+        let serving = Serving::start(listener, addr, MAX_ADMIN_CONNS, conn, serve)?;
+        Ok(Admin { state, serving })
     }
 
     /// The bound address.
@@ -178,19 +165,7 @@ impl Admin {
     /// Stops accepting and returns once the accept loop has ended; requests being
     /// served finish within their deadlines.
     pub fn shutdown(&self) {
-        if self.state.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        wake(self.state.addr);
-        if let Some(h) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Admin {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.serving.stop();
     }
 }
 
@@ -222,67 +197,31 @@ pub fn run(config: Config, addr: SocketAddr, public: bool) -> Result<()> {
         admin.url(),
         admin.state.config.store.describe()
     );
-    crate::server::wait_for_signal(|| ())?;
+    crate::sys::wait_for_signal(crate::logging::reopen)
+        .map_err(|e| Error::io("signal set-up", e))?;
     drop(admin);
     log::info!("stopped");
     Ok(())
 }
 
-fn accept_loop(listener: &TcpListener, state: &Arc<State>) {
-    loop {
-        let accepted = listener.accept();
-        if state.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(_) => {
-                // Out of descriptors, most likely: back off instead of spinning.
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if state.busy.fetch_add(1, Ordering::SeqCst) >= MAX_ADMIN_CONNS {
-            state.busy.fetch_sub(1, Ordering::SeqCst);
-            if !state.full.swap(true, Ordering::SeqCst) {
-                log::warn!(
-                    "admin: {MAX_ADMIN_CONNS} connections open: closed {peer} (and any more until one ends)"
-                );
-            }
-            continue;
-        }
-        state.full.store(false, Ordering::SeqCst);
-        let s = state.clone();
-        let spawned = spawn("admin-conn", CONN_STACK, move || {
-            serve(&s, stream, peer);
-            s.busy.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            state.busy.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// A request, as far as the admin needs it.
+/// A request: its head, and its body (`Content-Length` bytes, at most
+/// `MAX_BODY`).
 #[derive(Debug, Default)]
 struct Request {
-    /// The method.
-    method: String,
-    /// The path, without the query.
-    path: String,
-    /// `Host`.
-    host: Option<String>,
-    /// `Origin`.
-    origin: Option<String>,
-    /// `Sec-Fetch-Site` (browsers send it on every request).
-    fetch_site: Option<String>,
-    /// `X-Taas-Token` (never logged).
-    token: Option<String>,
-    /// `Content-Type`.
-    content_type: Option<String>,
-    /// The body (`Content-Length` bytes, at most `MAX_BODY`).
+    /// The head; `ONE_EACH` fields appear at most once.
+    head: Head,
+    /// The body.
     body: Vec<u8>,
 }
+
+/// Header fields the page reads, refused when sent twice.
+const ONE_EACH: [&str; 5] = [
+    "origin",
+    "sec-fetch-site",
+    "x-taas-token",
+    "content-type",
+    "content-length",
+];
 
 /// An answer that is an error: status and words for the page.
 #[derive(Debug)]
@@ -318,13 +257,16 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
         inner: tcp,
         deadline: Instant::now() + ADMIN_TIMEOUT,
     };
-    let mut reader = BufReader::new(io);
-    let response = match read_request(&mut reader) {
+    let mut io = io;
+    let response = match read_request(&mut io) {
         Ok(req) => {
             let response = answer(state, &req).unwrap_or_else(|f| error_response(&f));
             let line = format!(
                 "admin {} {} from {peer}: {} {}",
-                req.method, req.path, response.status, response.note
+                req.head.method,
+                req.head.path(),
+                response.status,
+                response.note
             );
             if response.status < 400 {
                 log::info!("{line}");
@@ -334,14 +276,13 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
             response
         }
         // The accept loop's wake-up, or a client that gave up: nothing to answer.
-        Err(Error::BadRequest(why)) if why.starts_with("connection closed") => return,
+        Err(Error::ClosedEarly) => return,
         Err(e) => {
             let failure = Failure::from(e);
             log::info!("admin from {peer}: {} {}", failure.status, failure.message);
             error_response(&failure)
         }
     };
-    let mut io = reader.into_inner();
     io.deadline = Instant::now() + WRITE_TIMEOUT;
     if response.write_to(&mut io).is_ok() {
         linger(io);
@@ -364,97 +305,38 @@ fn linger(mut io: DeadlineStream) {
     }
 }
 
-/// Hands `http::read_head` one byte per read, so it stops exactly at the blank
-/// line (it reads in chunks and would swallow the body), and keeps the bytes for
-/// the headers `http::Head` does not hold.
-struct ByteByByte<'a, R> {
-    /// The buffered connection.
-    inner: &'a mut R,
-    /// The head's bytes so far.
-    seen: Vec<u8>,
-}
-
-impl<R: Read> Read for ByteByByte<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(first) = buf.first_mut() else {
-            return Ok(0);
-        };
-        let mut byte = [0u8; 1];
-        let n = self.inner.read(&mut byte)?;
-        if n == 1 {
-            *first = byte[0];
-            self.seen.push(byte[0]);
-        }
-        Ok(n)
-    }
-}
-
 /// Reads the head (capped at `MAX_ADMIN_HEAD`) and the body (`Content-Length`,
 /// capped at `MAX_BODY`) under the connection's deadline.
 fn read_request(r: &mut impl Read) -> Result<Request> {
-    let mut tee = ByteByByte {
-        inner: r,
-        seen: Vec::new(),
-    };
-    let head = http::read_head(&mut tee, MAX_ADMIN_HEAD)?;
-    let mut req = Request {
-        path: head.path().to_string(),
-        method: head.method,
-        host: head.host,
-        ..Request::default()
-    };
-    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    parsed
-        .parse(&tee.seen)
-        .map_err(|e| Error::BadRequest(e.to_string()))?;
-    let mut length: Option<usize> = None;
-    for h in parsed.headers.iter() {
-        let value = || {
-            std::str::from_utf8(h.value)
-                .map(|v| v.trim().to_string())
-                .map_err(|_| Error::BadRequest(format!("{} header is not text", h.name)))
-        };
-        let slot = match h.name.to_ascii_lowercase().as_str() {
-            "origin" => &mut req.origin,
-            "sec-fetch-site" => &mut req.fetch_site,
-            "x-taas-token" => &mut req.token,
-            "content-type" => &mut req.content_type,
-            "content-length" => {
-                let n = value()?
-                    .parse()
-                    .map_err(|_| Error::BadRequest("Content-Length is not a number".into()))?;
-                if length.replace(n).is_some() {
-                    return Err(Error::BadRequest("more than one Content-Length".into()));
-                }
-                continue;
-            }
-            "transfer-encoding" => {
-                return Err(Error::BadRequest(
-                    "Transfer-Encoding is not accepted; send Content-Length".into(),
-                ));
-            }
-            _ => continue,
-        };
-        if slot.is_some() {
-            return Err(Error::BadRequest(format!(
-                "more than one {} header",
-                h.name
-            )));
-        }
-        *slot = Some(value()?);
+    let head = http::read_head(r, MAX_ADMIN_HEAD)?;
+    let sent = |name: &str| head.fields.iter().filter(|(n, _)| n == name).count();
+    if let Some(name) = ONE_EACH.iter().find(|n| sent(n) > 1) {
+        return Err(Error::BadRequest(format!("more than one {name} header")));
     }
-    let length = length.unwrap_or(0);
+    if sent("transfer-encoding") > 0 {
+        return Err(Error::BadRequest(
+            "Transfer-Encoding is not accepted; send Content-Length".into(),
+        ));
+    }
+    let length: usize = match head.field("content-length") {
+        Some(n) => n
+            .parse()
+            .map_err(|_| Error::BadRequest("Content-Length is not a number".into()))?,
+        None => 0,
+    };
     if length > MAX_BODY {
         return Err(Error::BadRequest(format!(
             "a body of {length} bytes is over the limit of {MAX_BODY}"
         )));
     }
-    req.body = vec![0; length];
-    tee.inner
-        .read_exact(&mut req.body)
+    // What came with the head, then the rest of `Content-Length`.
+    let mut body = head.rest.clone();
+    body.truncate(length);
+    let have = body.len();
+    body.resize(length, 0);
+    r.read_exact(&mut body[have..])
         .map_err(|e| Error::io("body", e))?;
-    Ok(req)
+    Ok(Request { head, body })
 }
 
 /// The headers of every answer (see the module doc).
@@ -471,10 +353,7 @@ fn secure(mut r: Response) -> Response {
 }
 
 fn body_response(status: u16, content_type: &'static str, body: Vec<u8>) -> Response {
-    let mut r = Response::text(status, "");
-    r.content_type = content_type;
-    r.body = body;
-    secure(r)
+    secure(Response::with_body(status, content_type, body))
 }
 
 fn json_response(value: &Value) -> Response {
@@ -493,7 +372,7 @@ fn error_response(f: &Failure) -> Response {
 
 /// Checks the request and routes it.
 fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
-    let host = req.host.as_deref().unwrap_or("");
+    let host = req.head.host.as_deref().unwrap_or("");
     if !state.host_allowed(host) {
         return Err(Failure::forbidden(format!(
             "Host {:?} is not this admin page's address (http://{}/ or http://localhost:{}/)",
@@ -502,10 +381,10 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
             state.addr.port()
         )));
     }
-    let Some(api) = req.path.strip_prefix("/api/") else {
+    let Some(api) = req.head.path().strip_prefix("/api/") else {
         return page(state, req);
     };
-    if let Some(origin) = &req.origin
+    if let Some(origin) = req.head.field("origin")
         && !origin.eq_ignore_ascii_case(&format!("http://{host}"))
     {
         return Err(Failure::forbidden(format!(
@@ -513,7 +392,7 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
             origin.chars().take(100).collect::<String>()
         )));
     }
-    if let Some(site) = &req.fetch_site
+    if let Some(site) = req.head.field("sec-fetch-site")
         && site != "same-origin"
         && site != "none"
     {
@@ -523,8 +402,8 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         )));
     }
     let token_ok = req
-        .token
-        .as_deref()
+        .head
+        .field("x-taas-token")
         .is_some_and(|t| bool::from(t.as_bytes().ct_eq(state.token.as_bytes())));
     if !token_ok {
         return Err(Failure::forbidden(format!(
@@ -532,7 +411,7 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         )));
     }
     let segments: Vec<&str> = api.split('/').collect();
-    match (req.method.as_str(), segments.as_slice()) {
+    match (req.head.method.as_str(), segments.as_slice()) {
         ("GET", ["accounts"]) => list(state),
         ("POST", ["accounts"]) => create(state, req),
         (_, ["accounts"]) => Err(not_allowed("GET, POST")),
@@ -546,6 +425,8 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
         ("GET", ["accounts", id, "provision.json"]) => provision(state, id, false),
         ("GET", ["accounts", id, "provision.js"]) => provision(state, id, true),
         ("GET", ["accounts", id, "qr.svg"]) => qr(state, id),
+        ("POST", ["accounts", id, "certificate"]) => certificate(state, id),
+        (_, ["accounts", _, "certificate"]) => Err(not_allowed("POST")),
         (
             _,
             [
@@ -554,7 +435,10 @@ fn answer(state: &State, req: &Request) -> Result<Response, Failure> {
                 "secret" | "provision.json" | "provision.js" | "qr.svg",
             ],
         ) => Err(not_allowed("GET")),
-        _ => Err(Failure::new(404, format!("no such endpoint: {}", req.path))),
+        _ => Err(Failure::new(
+            404,
+            format!("no such endpoint: {}", req.head.path()),
+        )),
     }
 }
 
@@ -609,7 +493,7 @@ impl State {
 
 /// The static files; the page gets the token and the relay's names.
 fn page(state: &State, req: &Request) -> Result<Response, Failure> {
-    let (content_type, body) = match req.path.as_str() {
+    let (content_type, body) = match req.head.path() {
         "/" | "/index.html" => {
             let c = &state.config;
             let html = INDEX_HTML
@@ -625,9 +509,14 @@ fn page(state: &State, req: &Request) -> Result<Response, Failure> {
         }
         "/app.js" => ("text/javascript; charset=utf-8", APP_JS.to_string()),
         "/app.css" => ("text/css; charset=utf-8", APP_CSS.to_string()),
-        _ => return Err(Failure::new(404, format!("no such page: {}", req.path))),
+        _ => {
+            return Err(Failure::new(
+                404,
+                format!("no such page: {}", req.head.path()),
+            ));
+        }
     };
-    if req.method != "GET" {
+    if req.head.method != "GET" {
         return Err(not_allowed("GET"));
     }
     Ok(body_response(200, content_type, body.into_bytes()))
@@ -656,8 +545,8 @@ fn summary(a: &Account) -> Value {
 /// The JSON body of a POST.
 fn json_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Failure> {
     let json = req
-        .content_type
-        .as_deref()
+        .head
+        .field("content-type")
         .and_then(|t| t.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
     if !json {
@@ -696,23 +585,30 @@ struct NewLabel {
     label: String,
 }
 
-/// Creates an account as `taas users add` does: the certificate first (the
-/// provisioning file carries it), then the record.
+/// Creates an account as `taas users add` does: the CA and the registrar's
+/// certificate first (the provisioning file carries them), the label
+/// certificate, then the record.
 fn create(state: &State, req: &Request) -> Result<Response, Failure> {
     let body: NewAccount = json_body(req)?;
     let id = body.id.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let account = Account::new(id, &[body.label.trim().to_string()])?;
     state.config.check_account(&account)?;
-    if crate::cert::ensure_default(&state.config)? {
-        log::info!(
-            "made a self-signed certificate {}",
-            state.config.cert.display()
-        );
+    let made = crate::cert::ensure_default(&state.config)?;
+    if made.any() {
+        log::info!("made {}", made.describe(&state.config));
     }
-    // Built before the insert, so a failure leaves no account without its file.
+    // Built before the insert, so a failure leaves no account without its files.
     Provision::new(&account, &state.config)?;
+    let issued = if crate::cert::issues_label_certs(&state.config) {
+        Some(crate::cert::issue_label_cert(&state.config, &account)?)
+    } else {
+        None
+    };
     state.store.insert(&account)?;
-    let mut r = json_response(&json!({ "account": summary(&account) }));
+    let mut r = json_response(&json!({
+        "account": summary(&account),
+        "certificate": issued.as_ref().map(certificate_json),
+    }));
     r.note = format!(
         "created account {} owning {}",
         account.uuid, account.labels[0]
@@ -771,9 +667,12 @@ fn remove_label(state: &State, id: &str, l: &str) -> Result<Response, Failure> {
             ),
         ));
     }
-    account
-        .labels
-        .retain(|x| !label::Entry::parse(x).is_ok_and(|e| e.name == l));
+    // As `owns` reads an entry: the label part, even of a malformed `cam:abc`.
+    account.labels.retain(|x| {
+        !x.split_once(':')
+            .map_or(x.as_str(), |(name, _)| name)
+            .eq_ignore_ascii_case(&l)
+    });
     state.store.update(&account)?;
     let mut r = json_response(&json!({ "account": summary(&account) }));
     r.note = format!("account {} no longer owns {l}", account.uuid);
@@ -814,6 +713,29 @@ fn provision(state: &State, id: &str, legacy: bool) -> Result<Response, Failure>
     Ok(r)
 }
 
+/// CERT of the module doc (the key included: the answer is `no-store`).
+fn certificate_json(issued: &crate::cert::Issued) -> Value {
+    json!({
+        "names": issued.names,
+        "cert": issued.cert_pem,
+        "key": issued.key_pem,
+    })
+}
+
+/// `POST /api/accounts/ID/certificate`: a new label certificate and key from the
+/// relay's CA.
+fn certificate(state: &State, id: &str) -> Result<Response, Failure> {
+    let account = state.account(id)?;
+    let issued = crate::cert::issue_label_cert(&state.config, &account)?;
+    let mut r = json_response(&json!({ "certificate": certificate_json(&issued) }));
+    r.note = format!(
+        "label certificate for {} issued to account {}",
+        issued.names.join(","),
+        account.uuid
+    );
+    Ok(r)
+}
+
 /// The `otpauth://` URI as an SVG QR code, drawn here (the original sent the
 /// secret to a third-party chart service).
 fn qr(state: &State, id: &str) -> Result<Response, Failure> {
@@ -837,6 +759,7 @@ pub fn qr_svg(text: &str) -> std::result::Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufReader;
 
     fn state(addr: &str) -> State {
         State {
@@ -846,9 +769,6 @@ mod tests {
             ))),
             token: "t".into(),
             addr: addr.parse().unwrap(),
-            stop: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            full: AtomicBool::new(false),
         }
     }
 
@@ -896,8 +816,8 @@ mod tests {
         let mut r = BufReader::new(&raw[..]);
         let req = read_request(&mut r).unwrap();
         assert_eq!(req.body, b"{\"label\":\"demo\"}");
-        assert_eq!(req.origin.as_deref(), Some("http://h"));
-        assert_eq!(req.token.as_deref(), Some("t"));
+        assert_eq!(req.head.field("origin"), Some("http://h"));
+        assert_eq!(req.head.field("x-taas-token"), Some("t"));
         let big = format!(
             "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
             MAX_BODY + 1

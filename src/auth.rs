@@ -1,4 +1,4 @@
-//! Who may register (PROTOCOL.md section 1): the `Authorization: TOTP` grammar, the
+//! Who may register (docs/PROTOCOL.md section 1): the `Authorization: TOTP` grammar, the
 //! failure throttle (RFC 4226 section 7.3) and the replay rule.
 //!
 //! Invariants: the throttle is checked before any secret is touched; a success never
@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::limits::source;
 use crate::store::{Account, Store};
+use crate::sys::lock;
 
 /// Longest ID accepted in a header (a UUID is 36; legacy IDs are short too).
 pub const MAX_ID: usize = 128;
@@ -81,7 +83,7 @@ struct Bucket {
 /// What a throttle bucket is kept for.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Key {
-    /// A source address (`server::source`): every failure from it, and the
+    /// A source address (`limits::source`): every failure from it, and the
     /// one bucket of the unknown IDs it tries.
     Addr(IpAddr),
     /// An existing account ID: failures of sources it does not trust.
@@ -91,8 +93,9 @@ enum Key {
     Trusted(IpAddr, String),
 }
 
-/// Failure buckets, bounded: a queue of keys in the order their buckets will
-/// have refilled prunes a few per failure (amortised O(1)), and a new key at a
+/// Failure buckets, bounded: a queue of keys, each due a whole refill period
+/// after it was queued (so in due order), prunes a few per failure (amortised
+/// O(1)): a refilled bucket is forgotten, another queued again. A new key at a
 /// full table is not tracked: the caller then refuses (fails closed).
 struct Buckets {
     /// Bucket by key.
@@ -154,7 +157,7 @@ impl Guard {
         peer: IpAddr,
         unix_time: u64,
     ) -> Result<Account> {
-        let src = crate::server::source(peer);
+        let src = source(peer);
         let id = &creds.username;
         // The source's own budget always; then the ID's, or, for a source the
         // ID trusts, that source's budget for the ID.
@@ -187,7 +190,7 @@ impl Guard {
             let next = (last + 1).saturating_mul(totp.step);
             let wait = Duration::from_secs(next.saturating_sub(unix_time).max(1));
             log::warn!(
-                "account {}: token of step {step} already used from another address; {peer} may retry in {} s",
+                "account {}: token of step {step} already used (or older than one used); {peer} may retry in {} s",
                 account.uuid,
                 wait.as_secs()
             );
@@ -199,7 +202,7 @@ impl Guard {
 
     /// Did `src` authenticate as `id` within `TRUST_FOR`?
     fn trusts(&self, src: IpAddr, id: &str) -> bool {
-        let trusted = crate::server::lock(&self.trusted);
+        let trusted = lock(&self.trusted);
         trusted
             .get(&(src, id.to_string()))
             .is_some_and(|t| t.elapsed() < TRUST_FOR)
@@ -207,7 +210,7 @@ impl Guard {
 
     /// Notes a success of `src` as `id`.
     fn trust(&self, src: IpAddr, id: &str) {
-        let mut trusted = crate::server::lock(&self.trusted);
+        let mut trusted = lock(&self.trusted);
         if trusted.len() >= MAX_TRUSTED && !trusted.contains_key(&(src, id.to_string())) {
             // Rare (successes only): forget the expired, else trust no more.
             trusted.retain(|_, t| t.elapsed() < TRUST_FOR);
@@ -219,10 +222,10 @@ impl Guard {
     }
 
     /// The replay rule: a newer step is taken; the same step only from the same
-    /// source (`server::source`: an IPv6 address by its /64, as the throttle
+    /// source (`limits::source`: an IPv6 address by its /64, as the throttle
     /// counts it); an older one never. A refusal gives the last accepted step.
     fn accept_step(&self, id: &str, step: u64, peer: IpAddr) -> std::result::Result<(), u64> {
-        let mut table = crate::server::lock(&self.last_step);
+        let mut table = lock(&self.last_step);
         match table.get(id) {
             Some(&(last, _)) if step < last => Err(last),
             Some(&(last, addr)) if step == last => {
@@ -242,7 +245,7 @@ impl Guard {
     /// `Throttled` when any key's budget is spent, or when a key is not
     /// tracked and the table is full (fail closed).
     fn check(&self, keys: &[Key]) -> Result<()> {
-        let mut buckets = crate::server::lock(&self.buckets);
+        let mut buckets = lock(&self.buckets);
         let now = Instant::now();
         let full = buckets.map.len() >= MAX_TRACKED;
         for key in keys {
@@ -266,7 +269,7 @@ impl Guard {
 
     /// Spends one failure from each key's budget.
     fn fail(&self, keys: &[Key]) {
-        let mut buckets = crate::server::lock(&self.buckets);
+        let mut buckets = lock(&self.buckets);
         let now = Instant::now();
         self.prune(&mut buckets, now, PRUNE_PER_FAILURE);
         for key in keys {
@@ -281,7 +284,11 @@ impl Guard {
                         at: now,
                     },
                 );
-                buckets.due.push_back((key.clone(), now));
+                // Every key goes in with the same offset, so the queue stays in
+                // due order and pruning never waits behind one key.
+                buckets
+                    .due
+                    .push_back((key.clone(), now + self.full_refill()));
             }
             if let Some(b) = buckets.map.get_mut(key) {
                 self.refill_bucket(b, now);
@@ -309,10 +316,14 @@ impl Guard {
             if b.left >= self.budget {
                 buckets.map.remove(&key);
             } else {
-                let due = now + self.refill.mul_f64(self.budget - b.left);
-                buckets.due.push_back((key, due));
+                buckets.due.push_back((key, now + self.full_refill()));
             }
         }
+    }
+
+    /// How long a spent bucket takes to refill whole.
+    fn full_refill(&self) -> Duration {
+        self.refill.mul_f64(self.budget)
     }
 
     fn refill_bucket(&self, b: &mut Bucket, now: Instant) {
@@ -452,12 +463,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(quick.check(&newcomer).is_ok());
-        assert!(crate::server::lock(&quick.buckets).map.len() < MAX_TRACKED);
+        assert!(lock(&quick.buckets).map.len() < MAX_TRACKED);
         quick.fail(&newcomer);
-        assert!(
-            crate::server::lock(&quick.buckets)
-                .map
-                .contains_key(&newcomer[0])
-        );
+        assert!(lock(&quick.buckets).map.contains_key(&newcomer[0]));
     }
 }

@@ -1,4 +1,4 @@
-//! The validated configuration: INTERFACE.md's TOML keys, their defaults, and the
+//! The validated configuration: docs/INTERFACE.md's TOML keys, their defaults, and the
 //! checks that turn a typo into an error naming the key and the file.
 //!
 //! Invariant: once a `Config` exists every value in it is usable; the core never
@@ -15,12 +15,12 @@ use crate::label;
 use crate::relay::Copier;
 use crate::store::StoreSpec;
 
-/// What `-c` falls back to when that file exists (INTERFACE.md).
+/// What `-c` falls back to when that file exists (docs/INTERFACE.md).
 pub const DEFAULT_CONFIG_FILE: &str = "taas.toml";
 /// Where the embedded defaults keep their files.
 pub const DEFAULT_DATA_DIR: &str = "taas-data";
 
-/// The relay's settings, validated. Field names are INTERFACE.md's keys.
+/// The relay's settings, validated. Field names are docs/INTERFACE.md's keys.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where these settings came from: a file path or "built-in defaults".
@@ -47,13 +47,20 @@ pub struct Config {
     /// True when `cert` and `key` are both the defaults: then they are generated on
     /// first start when absent.
     pub cert_is_default: bool,
+    /// PEM certificate of the relay's name-constrained CA (what mobile clients
+    /// trust; provisioning files carry it in `server.ca`).
+    pub ca_cert: PathBuf,
+    /// PEM private key of the relay's CA: read only by the tools that issue
+    /// certificates (`taas cert`, `taas users`, `taas admin`) and by `taas serve`
+    /// at a first start that makes the registrar's certificate.
+    pub ca_key: PathBuf,
     /// `false` serves plain HTTP on the well-known port.
     pub tls: bool,
     /// Where accounts live.
     pub store: StoreSpec,
     /// First and last port (inclusive) for plug and rendezvous ports.
     pub port_range: (u16, u16),
-    /// Waiting responders and open plugs per label (PROTOCOL.md section 1,
+    /// Waiting responders and open plugs per label (docs/PROTOCOL.md section 1,
     /// default 21, the original's).
     pub max_waiting: usize,
     /// How long a plug waits for its one connection (default 30 s).
@@ -114,36 +121,71 @@ pub enum RedirectHost {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    /// `public_host`, as written.
     public_host: Option<String>,
+    /// `bind_host`, as written.
     bind_host: Option<String>,
+    /// `port`, as written.
     port: Option<u16>,
+    /// `registrar_name`, as written.
     registrar_name: Option<String>,
+    /// `servers_domain`, as written.
     servers_domain: Option<String>,
+    /// `redirect_host`, as written.
     redirect_host: Option<String>,
+    /// `cert`, as written.
     cert: Option<PathBuf>,
+    /// `key`, as written.
     key: Option<PathBuf>,
+    /// `ca_cert`, as written.
+    ca_cert: Option<PathBuf>,
+    /// `ca_key`, as written.
+    ca_key: Option<PathBuf>,
+    /// `tls`, as written.
     tls: Option<bool>,
+    /// `store`, as written.
     store: Option<String>,
+    /// `port_range`, as written.
     port_range: Option<String>,
+    /// `max_waiting`, as written.
     max_waiting: Option<usize>,
+    /// `plug_timeout`, as written.
     plug_timeout: Option<f64>,
+    /// `pair_wait`, as written.
     pair_wait: Option<f64>,
+    /// `rendezvous_idle`, as written.
     rendezvous_idle: Option<f64>,
+    /// `plug_same_ip`, as written.
     plug_same_ip: Option<bool>,
+    /// `auth_fail_budget`, as written.
     auth_fail_budget: Option<u32>,
+    /// `auth_fail_refill`, as written.
     auth_fail_refill: Option<f64>,
+    /// `log_file`, as written.
     log_file: Option<PathBuf>,
+    /// `head_timeout`, as written.
     head_timeout: Option<f64>,
+    /// `max_head`, as written.
     max_head: Option<usize>,
+    /// `max_connections`, as written.
     max_connections: Option<usize>,
+    /// `max_connections_per_ip`, as written.
     max_connections_per_ip: Option<usize>,
+    /// `max_pairs`, as written.
     max_pairs: Option<usize>,
+    /// `max_pairs_per_ip`, as written.
     max_pairs_per_ip: Option<usize>,
+    /// `shutdown_grace`, as written.
     shutdown_grace: Option<f64>,
+    /// `first_octet_timeout`, as written.
     first_octet_timeout: Option<f64>,
+    /// `idle_timeout`, as written.
     idle_timeout: Option<f64>,
+    /// `registrar_redirect`, as written.
     registrar_redirect: Option<String>,
+    /// `status_listen`, as written.
     status_listen: Option<String>,
+    /// `splice`, as written.
     splice: Option<bool>,
 }
 
@@ -220,7 +262,7 @@ impl Config {
         let servers_domain = host_name(&raw.servers_domain, "taas.localhost")
             .map_err(|r| bad("servers_domain", r))?;
         // A registrar named LABEL.servers_domain takes that label's name: an
-        // exact match of registrar_name is the registrar (PROTOCOL.md section 2).
+        // exact match of registrar_name is the registrar (docs/PROTOCOL.md section 2).
         let reserved_label = registrar_name
             .strip_suffix(&format!(".{servers_domain}"))
             .filter(|first| !first.contains('.'))
@@ -288,6 +330,8 @@ impl Config {
             cert: raw.cert.unwrap_or_else(|| data.join("registrar.crt")),
             key: raw.key.unwrap_or_else(|| data.join("registrar.key")),
             cert_is_default,
+            ca_cert: raw.ca_cert.unwrap_or_else(|| data.join("ca.crt")),
+            ca_key: raw.ca_key.unwrap_or_else(|| data.join("ca.key")),
             tls: raw.tls.unwrap_or(true),
             store,
             port_range,
@@ -453,6 +497,8 @@ mod tests {
         assert_eq!(c.plug_timeout, Duration::from_secs(30));
         assert!(c.cert_is_default && c.tls && c.plug_same_ip);
         assert_eq!(c.cert, Path::new("taas-data/registrar.crt"));
+        assert_eq!(c.ca_cert, Path::new("taas-data/ca.crt"));
+        assert_eq!(c.ca_key, Path::new("taas-data/ca.key"));
     }
 
     #[test]

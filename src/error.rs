@@ -1,5 +1,5 @@
 //! The one error type of the library, and the one place where an error becomes an
-//! HTTP status (PROTOCOL.md's answer tables).
+//! HTTP status (docs/PROTOCOL.md's answer tables).
 //!
 //! Invariants: every variant carries the context an operator needs (the file, the
 //! key, the label, the phase), and none carries a secret: no TOTP secret, token or
@@ -7,8 +7,11 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::sys::{FileError, NoRandom};
 
 /// Everything that can go wrong in taas, from a config typo to a peer's garbage.
 #[derive(Debug)]
@@ -57,7 +60,7 @@ pub enum Error {
         /// Its owner.
         uid: u32,
     },
-    /// A LABEL is not one DNS label (PROTOCOL.md section 5).
+    /// A LABEL is not one DNS label (docs/PROTOCOL.md section 5).
     BadLabel(String),
     /// A label is already owned by another account.
     LabelTaken {
@@ -118,10 +121,14 @@ pub enum Error {
     },
     /// The account store (Redis, or the file store's file system) is unreachable.
     StoreUnavailable(String),
-    /// Too many requests are waiting on the account store already.
-    StoreBusy,
+    /// Too many requests are waiting on the account store already; the value is
+    /// how many may wait.
+    StoreBusy(usize),
     /// A request head is malformed; the text says how.
     BadRequest(String),
+    /// The peer closed before the end of its request head (a client that gave
+    /// up, or an accept loop's wake-up): nothing to answer.
+    ClosedEarly,
     /// A request head is larger than the limit.
     HeadTooLarge(usize),
     /// A request names a path that does not exist.
@@ -141,8 +148,8 @@ pub enum Error {
     },
     /// Too many failed attempts; retry after this long.
     Throttled(Duration),
-    /// A right token of a step already used from another address (replay rule):
-    /// retry after this long, at the next step.
+    /// A right token of a step already used from another address, or older than
+    /// one used (replay rule): retry after this long, at the next step.
     Replay(Duration),
     /// The `Host` is neither the registrar nor under `servers_domain`.
     MisdirectedHost(String),
@@ -161,6 +168,22 @@ pub enum Error {
     BadAnswer(String),
     /// TLS set-up or handshake failed.
     Tls(String),
+    /// A file of the relay's CA (`ca_cert` or `ca_key`) is absent where a
+    /// certificate must be issued.
+    CaMissing {
+        /// The absent file.
+        path: PathBuf,
+    },
+    /// The relay's CA would not vouch for these names (outside its name
+    /// constraints), or `ca_cert` and `ca_key` do not belong together.
+    CaRefused {
+        /// The CA certificate.
+        ca: PathBuf,
+        /// The names asked for.
+        names: Vec<String>,
+        /// What the check said.
+        reason: String,
+    },
     /// Network I/O failed in the named phase.
     Io {
         /// What was being done.
@@ -168,6 +191,21 @@ pub enum Error {
         /// The underlying error.
         err: io::Error,
     },
+    /// A listener could not be bound.
+    Listen {
+        /// What listens there ("the well-known port", "status_listen", …).
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// What the operating system said.
+        err: io::Error,
+    },
+    /// A value could not be encoded (JSON); the text says which.
+    Encode(String),
+    /// TOTP parameters that cannot be used (not base32, step 0, …).
+    BadTotp(String),
+    /// The operating system gave no random bytes.
+    NoRandom,
     /// Anything a command-line user did wrong that is not covered above.
     Usage(String),
 }
@@ -184,10 +222,10 @@ pub const POOL_FULL_RETRY: u64 = 15;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The HTTP status for this error, per the answer tables of PROTOCOL.md.
+    /// The HTTP status for this error, per the answer tables of docs/PROTOCOL.md.
     pub fn status(&self) -> u16 {
         match self {
-            Error::BadRequest(_) | Error::BadLabel(_) | Error::BadId(_) => 400,
+            Error::BadRequest(_) | Error::ClosedEarly | Error::BadLabel(_) | Error::BadId(_) => 400,
             Error::AuthMissing | Error::AuthFailed => 401,
             Error::Forbidden { .. } => 403,
             Error::NotFound | Error::NoSuchAccount(_) => 404,
@@ -203,7 +241,7 @@ impl Error {
             Error::Throttled(_) | Error::Replay(_) => 429,
             Error::Redirect(_) => 307,
             Error::StoreUnavailable(_)
-            | Error::StoreBusy
+            | Error::StoreBusy(_)
             | Error::NoFreePort
             | Error::NoResponder(_)
             | Error::FixedPortUnavailable { .. }
@@ -224,7 +262,7 @@ impl Error {
             // a place only when a responder is paired or dies.
             Error::PoolFull { .. } => Some(POOL_FULL_RETRY),
             Error::FixedPortUnavailable { .. } => Some(30),
-            Error::NoFreePort | Error::NoResponder(_) | Error::StoreBusy => Some(1),
+            Error::NoFreePort | Error::NoResponder(_) | Error::StoreBusy(_) => Some(1),
             _ => None,
         }
     }
@@ -305,12 +343,12 @@ impl fmt::Display for Error {
             Error::AccountExists(id) => write!(f, "account {id} exists already"),
             Error::BadAccount { id, reason } => write!(f, "account {id}: {reason}"),
             Error::StoreUnavailable(why) => write!(f, "account store unreachable: {why}"),
-            Error::StoreBusy => write!(
-                f,
-                "account store busy: {} requests wait on it already",
-                crate::store::MAX_STORE_WAITERS
-            ),
+            Error::StoreBusy(n) => write!(f, "account store busy: {n} requests wait on it already"),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
+            Error::ClosedEarly => write!(
+                f,
+                "bad request: connection closed before the end of the head"
+            ),
             Error::HeadTooLarge(limit) => write!(f, "request head larger than {limit} bytes"),
             Error::NotFound => write!(f, "no such path"),
             Error::MethodNotAllowed(allow) => write!(f, "method not allowed; use {allow}"),
@@ -322,7 +360,7 @@ impl fmt::Display for Error {
             }
             Error::Replay(d) => write!(
                 f,
-                "this step's token was already used from another address; retry in {} s",
+                "this step's token was already used (or is older than one used); retry in {} s",
                 seconds_up(*d)
             ),
             Error::MisdirectedHost(host) => write!(f, "host {host:?} is not served here"),
@@ -333,13 +371,53 @@ impl fmt::Display for Error {
             Error::Limit(which) => write!(f, "limit reached: {which}"),
             Error::BadAnswer(why) => write!(f, "malformed HTTP answer: {why}"),
             Error::Tls(why) => write!(f, "TLS: {why}"),
+            Error::CaMissing { path } => write!(
+                f,
+                "the relay's CA file {} is missing: run `taas cert` to make the CA (it keeps an existing registrar certificate)",
+                path.display()
+            ),
+            Error::CaRefused { ca, names, reason } => write!(
+                f,
+                "the relay's CA {} cannot issue a certificate for {}: {reason}",
+                ca.display(),
+                names.join(", ")
+            ),
             Error::Io { phase, err } => write!(f, "{phase}: {err}"),
-            Error::Usage(why) => write!(f, "{why}"),
+            Error::Listen { what, addr, err } => write!(f, "cannot listen on {what} {addr}: {err}"),
+            Error::Encode(why) => write!(f, "cannot encode {why}"),
+            Error::BadTotp(why) | Error::Usage(why) => write!(f, "{why}"),
+            Error::NoRandom => write!(f, "the operating system gave no random bytes"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::File { err, .. }
+            | Error::FixedPortUnavailable { err, .. }
+            | Error::Io { err, .. }
+            | Error::Listen { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl From<FileError> for Error {
+    fn from(e: FileError) -> Error {
+        match e {
+            FileError::Io { path, action, err } => Error::File { path, action, err },
+            FileError::Symlink(path) => Error::Symlink(path),
+            FileError::ForeignOwner { dir, uid } => Error::ForeignOwner { dir, uid },
+        }
+    }
+}
+
+impl From<NoRandom> for Error {
+    fn from(_: NoRandom) -> Error {
+        Error::NoRandom
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
-//! LABEL rules (PROTOCOL.md section 5): one DNS label, 1 to 63 of `a-z 0-9 -`, not
+//! LABEL rules (docs/PROTOCOL.md section 5): one DNS label, 1 to 63 of `a-z 0-9 -`, not
 //! starting or ending with `-`, compared in lower case. An account's label entry
-//! may be `LABEL:PORT`, the original's fixed-port form (PROTOCOL.md section 2).
+//! may be `LABEL:PORT`, the original's fixed-port form (docs/PROTOCOL.md section 2).
 
 use crate::error::{Error, Result};
 

@@ -1,26 +1,51 @@
 //! taas: a small, auditable relay that lets servers hidden behind NAT be reached
-//! by mobile clients through a VPS, with the TAAS protocol (`PROTOCOL.md`).
+//! by mobile clients through a VPS, with the TAAS protocol (`docs/PROTOCOL.md`;
+//! the operator's interface is `docs/INTERFACE.md`).
 //!
 //! # The data flow, file by file
 //!
 //! 1. `server`: one blocking listener on the well-known port. The accept loop only
-//!    counts (limits) and spawns a thread per connection.
-//! 2. In that thread: the TLS handshake (`cert` made the rustls config) and the
-//!    request head (`http`), under one deadline and a size cap.
-//! 3. `server::route` sends the head by its `Host` to the registrar or to a label.
+//!    counts (`limits`) and spawns a thread per connection.
+//! 2. In that thread: the TLS handshake (`tls`; SIGHUP swaps in a new
+//!    configuration for later connections) and the request head (`http`), under
+//!    one deadline and a size cap.
+//! 3. `route` sends the head by its `Host` to the registrar or to a label.
 //! 4. `registrar`: `PUT /register/LABEL` — `auth` parses `Authorization: TOTP`,
 //!    checks the throttle, looks the ID up in `store`, verifies the token
 //!    (`totp`) and the replay rule; then `plug` opens a port that takes one TCP
 //!    connection from the hidden server and puts it in the label's pool (`pool`).
 //!    `GET /pairings/LABEL` lists the label's pairings.
-//! 5. `LABEL.servers_domain`: a 307 to the label's `rendezvous` port. Each
-//!    connection there takes the oldest live responder from the pool.
+//! 5. `LABEL.servers_domain`: `rendezvous` answers a 307 to the label's
+//!    rendezvous port. Each connection there takes a responder from the pool once
+//!    it has something to relay: at accept the oldest that already spoke, else
+//!    the oldest at its first octet.
 //! 6. `relay` copies octets both ways until both directions end.
 //!
-//! Around it: `config` (the validated TOML), `error` (one enum, one status
-//! mapping), `label` (DNS label rules), `logging`, `metrics` and `status` (for
-//! operators), and the operator tools on top of the core: `provision`
-//! (provisioning files), `cert` (certificates), `agent` (the hidden side).
+//! What every step reads is `state` (the configuration, the store, the labels,
+//! the pairs, the counters); below it sit `config` (the validated TOML), `error`
+//! (one enum, one status mapping), `label` (DNS label rules), `limits` (every
+//! limit named once), `logging`, `metrics`, and `sys` (threads, sockets, random
+//! bytes, private files, signals: the bottom layer, importing nothing of the
+//! crate). `status` serves `/metrics`, `/status` and `/ready` to operators. On
+//! top, the operator tools: `provision` (provisioning files), `cert` (the
+//! relay's name-constrained CA and the certificates it issues), `admin` (the
+//! accounts page), `agent` (the hidden side; `agent::terminate` ends TLS there
+//! for `taas expose --tls`).
+//!
+//! # Layers
+//!
+//! Each module imports only from its own layer or those below it, and nothing
+//! imports in a circle (`tests/architecture.rs` checks both):
+//!
+//! | layer | modules |
+//! | --- | --- |
+//! | tools | `admin`, `agent`, `cert`, `provision` (only `main.rs` knows the CLI) |
+//! | relay | `server` |
+//! | steps | `registrar` → `plug` → `pool`; `rendezvous` → `pool` → `relay`; `status`, `route` |
+//! | state | `state` |
+//! | core | `auth`, `config`, `pool`, `store`, `tls`, `metrics` |
+//! | rules | `http`, `label`, `limits`, `logging`, `relay`, `totp` |
+//! | base | `error`, `sys` |
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +56,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod label;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod plug;
@@ -39,14 +65,19 @@ pub mod provision;
 pub mod registrar;
 pub mod relay;
 pub mod rendezvous;
+pub mod route;
 pub mod server;
+pub mod state;
 pub mod status;
 pub mod store;
+pub mod sys;
+pub mod tls;
 pub mod totp;
 
 pub use config::Config;
 pub use error::{Error, Result};
 pub use server::Server;
+pub use sys::unix_time;
 
 /// The version, and the git revision when the build knew it.
 pub fn version() -> &'static str {
@@ -56,11 +87,4 @@ pub fn version() -> &'static str {
         env!("TAAS_GIT_REV"),
         ")"
     )
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_time() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

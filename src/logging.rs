@@ -2,7 +2,8 @@
 //! `log_file` is set, appended to that file with a UTC timestamp. `reopen` is what
 //! SIGHUP calls after logrotate moved the file.
 //!
-//! Invariant: nothing here formats a secret; callers never pass one.
+//! Invariants: nothing here formats a secret; callers never pass one; a peer's
+//! text goes into a line only through `escape` (or `loggable_target`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -10,11 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::error::{Error, Result};
+use crate::sys::{NOFOLLOW, lock};
+
 /// The log file, when one is configured: its path and the open handle.
 static LOG_FILE: OnceLock<(PathBuf, Mutex<File>)> = OnceLock::new();
 
 /// Installs the logger; `RUST_LOG` overrides the default level `info`.
-pub fn init(log_file: Option<&Path>) -> crate::Result<()> {
+pub fn init(log_file: Option<&Path>) -> Result<()> {
     if let Some(path) = log_file {
         let file = open(path)?;
         let _ = LOG_FILE.set((path.to_path_buf(), Mutex::new(file)));
@@ -37,28 +41,59 @@ pub fn init(log_file: Option<&Path>) -> crate::Result<()> {
     Ok(())
 }
 
-/// Re-opens the log file (SIGHUP after rotation). A failure is logged and the old
-/// handle kept, so no line is lost for want of a file.
+/// Re-opens the log file (what SIGHUP does, after logrotate moved it). A failure
+/// is logged and the old handle kept, so no line is lost for want of a file.
 pub fn reopen() {
     if let Some((path, file)) = LOG_FILE.get() {
         match open(path) {
-            Ok(new) => *file.lock().unwrap_or_else(|p| p.into_inner()) = new,
+            Ok(new) => *lock(file) = new,
             Err(e) => log::error!("log file not reopened: {e}"),
         }
     }
+    log::info!("SIGHUP: log file reopened");
+}
+
+/// A request target as logged: the path, and "?…" in place of a query, which
+/// may carry the hidden service's users' secrets (`?code=`, `?token=`); escaped
+/// as `escape` does.
+pub fn loggable_target(target: &str) -> String {
+    match target.split_once('?') {
+        Some((path, _)) => format!("{}?…", escape(path)),
+        None => escape(target),
+    }
+}
+
+/// A peer's text as a log field: printable ASCII as it is, the rest escaped
+/// (`\n`, `\u{1b}`), at most 200 characters, so a peer cannot forge log lines.
+pub fn escape(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(200).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 /// Opens the log for appending: created 0600 (it names IDs and addresses), never
 /// through a symlink.
-fn open(path: &Path) -> crate::Result<File> {
+fn open(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .custom_flags(NOFOLLOW)
         .open(path)
-        .map_err(|e| crate::Error::file(path, "open log file", e))
+        .and_then(|f| {
+            // A log left 0644 by an earlier version becomes 0600 too.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            Ok(f)
+        })
+        .map_err(|e| Error::file(path, "open log file", e))
 }
 
 /// Writes each log line to stderr and to the log file.
@@ -67,10 +102,7 @@ struct Tee;
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Some((_, file)) = LOG_FILE.get() {
-            let _ = file
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_all(buf);
+            let _ = lock(file).write_all(buf);
         }
         io::stderr().write_all(buf)?;
         Ok(buf.len())
@@ -109,6 +141,15 @@ pub fn timestamp(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn peer_text_is_escaped_in_log_fields() {
+        assert_eq!(escape("demo.taas.localhost"), "demo.taas.localhost");
+        assert_eq!(escape("a\r\nINFO forged"), "a\\r\\nINFO forged");
+        assert_eq!(escape("\u{1b}[31m"), "\\u{1b}[31m");
+        assert_eq!(loggable_target("/x\n?secret=1"), "/x\\n?…");
+        assert!(escape(&"x".repeat(500)).len() <= 204);
+    }
 
     #[test]
     fn timestamps() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use argh::FromArgs;
 use taas::store::{Account, Store};
-use taas::{Config, Error, Result};
+use taas::{Config, Error, Result, Server};
 
 /// taas: reach servers hidden behind NAT through this relay (TAAS protocol).
 #[derive(FromArgs)]
@@ -15,6 +15,7 @@ struct Cli {
     /// print the version and the git revision it was built from
     #[argh(switch)]
     version: bool,
+    /// what to do
     #[argh(subcommand)]
     command: Option<Command>,
 }
@@ -63,9 +64,20 @@ struct Expose {
     #[argh(option)]
     label: Option<String>,
     /// connect to the local service before the mobile client speaks (for
-    /// protocols where the server speaks first: SMTP, FTP)
+    /// protocols where the server speaks first: SMTP, FTP; not with --tls)
     #[argh(switch)]
     eager: bool,
+    /// end TLS here, with the label certificate, and pipe the plaintext to
+    /// --to (for a plain-HTTP app reached over HTTPS)
+    #[argh(switch)]
+    tls: bool,
+    /// with --tls: the certificate chain to serve (default: ID.crt beside the
+    /// provisioning file); SIGHUP re-reads it
+    #[argh(option)]
+    cert: Option<PathBuf>,
+    /// with --tls: its private key (default: ID.key beside the provisioning file)
+    #[argh(option)]
+    key: Option<PathBuf>,
 }
 
 /// run the relay: registrar, rendezvous ports and relay
@@ -81,6 +93,7 @@ struct Serve {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "users")]
 struct Users {
+    /// what to do with accounts
     #[argh(subcommand)]
     command: UsersCommand,
 }
@@ -89,11 +102,13 @@ struct Users {
 #[argh(subcommand)]
 enum UsersCommand {
     Add(UsersAdd),
+    Cert(UsersCert),
     List(UsersList),
     Remove(UsersRemove),
 }
 
-/// create an account and write its provisioning files ID.json and ID.js
+/// create an account and write its provisioning files ID.json and ID.js, and
+/// its label certificate ID.crt with its key ID.key
 #[derive(FromArgs)]
 #[argh(subcommand, name = "add")]
 struct UsersAdd {
@@ -105,6 +120,22 @@ struct UsersAdd {
     #[argh(option)]
     id: Option<String>,
     /// where to write the provisioning files (default: the current directory)
+    #[argh(option, default = "PathBuf::from(\".\")")]
+    out: PathBuf,
+    /// config file
+    #[argh(option, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// issue (again) the certificate for every label of an account, from the
+/// relay's CA, as ID.crt and ID.key
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cert")]
+struct UsersCert {
+    /// the account ID
+    #[argh(positional)]
+    id: String,
+    /// where to write ID.crt and ID.key (default: the current directory)
     #[argh(option, default = "PathBuf::from(\".\")")]
     out: PathBuf,
     /// config file
@@ -133,7 +164,8 @@ struct UsersRemove {
     config: Option<PathBuf>,
 }
 
-/// write a self-signed key (0400) and certificate (0444) for the relay
+/// write the relay's name-constrained CA and the registrar's key and
+/// certificate signed by it, whichever are missing (keys 0400, certificates 0444)
 #[derive(FromArgs)]
 #[argh(subcommand, name = "cert")]
 struct CertCmd {
@@ -165,7 +197,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// argh's parse, with its errors folded into one line (INTERFACE.md: one clear
+/// argh's parse, with its errors folded into one line (docs/INTERFACE.md: one clear
 /// line on failure); `--help` goes to stdout and exits 0.
 fn parse_args() -> std::result::Result<Cli, ExitCode> {
     let args: Vec<String> = std::env::args().collect();
@@ -208,10 +240,11 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Serve(a) => {
             let config = Config::load(a.config.as_deref())?;
             taas::logging::init(config.log_file.as_deref())?;
-            taas::server::run(config)
+            serve(config)
         }
         Command::Users(u) => match u.command {
             UsersCommand::Add(a) => users_add(&a),
+            UsersCommand::Cert(a) => users_cert(&a),
             UsersCommand::List(a) => {
                 let store = open_store(a.config.as_deref())?.1;
                 for account in store.list()? {
@@ -227,14 +260,17 @@ fn try_main(cli: Cli) -> Result<()> {
         },
         Command::Cert(a) => {
             let config = Config::load(a.config.as_deref())?;
-            taas::cert::write_new(&config)?;
+            let made = taas::cert::write_new(&config)?;
             println!("{}", config.cert.display());
-            eprintln!(
-                "wrote {} (0444) and {} (0400) for {}",
-                config.cert.display(),
-                config.key.display(),
-                taas::cert::subject_alt_names(&config).join(", ")
-            );
+            println!("{}", config.ca_cert.display());
+            eprintln!("wrote {}", made.describe(&config));
+            if !made.registrar {
+                eprintln!(
+                    "kept the registrar's certificate {}; mobile clients trust {} for the labels",
+                    config.cert.display(),
+                    config.ca_cert.display()
+                );
+            }
             Ok(())
         }
         Command::Expose(a) => expose(a),
@@ -245,10 +281,83 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Token(a) => {
             let p = taas::provision::Provision::load(&a.provision)?;
-            println!("{}", p.totp()?.generate(taas::unix_time()));
+            println!("{}", p.totp()?.generate(taas::sys::unix_time()));
             Ok(())
         }
     }
+}
+
+/// `taas serve`: first-start set-up, the relay, signals, a graceful stop.
+fn serve(config: Config) -> Result<()> {
+    // The CA key is read here at most once, to sign the registrar's
+    // certificate at a first start, and dropped before the relay binds.
+    let made = taas::cert::ensure_default(&config)?;
+    if made.any() {
+        log::info!("first start: made {}", made.describe(&config));
+    }
+    if !config.tls {
+        log::warn!("tls = false: serving plain HTTP; TOTP tokens cross the network in clear");
+    }
+    taas::sys::raise_fd_limit();
+    let grace = config.shutdown_grace;
+    let server = Server::bind(config)?;
+    let c = server.config();
+    log::info!(
+        "taas {} listening on {} (public {}), registrar {}, labels under {}, store {}, config {}",
+        taas::version(),
+        server.local_addr(),
+        c.public_addr(server.local_addr().port()),
+        c.registrar_name,
+        c.servers_domain,
+        c.store.describe(),
+        c.source
+    );
+    log_accounts(server.store());
+    // Accounts are read from the store at each registration; SIGHUP re-reads
+    // it now, so the operator sees at once whether an edit took, and re-reads
+    // the certificate (a certbot deploy hook runs `systemctl reload taas`).
+    wait_for_signal(|| {
+        taas::logging::reopen();
+        log_accounts(server.store());
+        reload_certificate(&server);
+    })?;
+    log::info!(
+        "stopping: live pairs have {} s to finish",
+        grace.as_secs_f64()
+    );
+    server.shutdown(grace);
+    log::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: the certificate for new connections, or why the old one stays.
+fn reload_certificate(server: &Server) {
+    let c = server.config();
+    match server.reload_tls() {
+        Ok(true) => log::info!(
+            "SIGHUP: certificate {} and key {} re-read; new connections get them",
+            c.cert.display(),
+            c.key.display()
+        ),
+        Ok(false) => {}
+        Err(e) => log::warn!("SIGHUP: keeping the certificate loaded before: {e}"),
+    }
+}
+
+/// Logs how many accounts the store holds (or why it cannot say).
+fn log_accounts(store: &Store) {
+    match store.list() {
+        Ok(list) if list.is_empty() => {
+            log::info!("no accounts yet: add one with `taas users add LABEL`")
+        }
+        Ok(list) => log::info!("accounts in the store: {}", list.len()),
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT, calling `on_hup` at each SIGHUP.
+fn wait_for_signal(on_hup: impl Fn()) -> Result<()> {
+    taas::sys::wait_for_signal(on_hup).map_err(|e| Error::io("signal set-up", e))
 }
 
 fn open_store(path: Option<&Path>) -> Result<(Config, Store)> {
@@ -259,14 +368,33 @@ fn open_store(path: Option<&Path>) -> Result<(Config, Store)> {
 
 fn users_add(a: &UsersAdd) -> Result<()> {
     let (config, store) = open_store(a.config.as_deref())?;
-    // The provisioning file carries the relay's certificate: make it now when the
-    // defaults are in use, as `taas serve` would on first start.
     let account = Account::new(a.id.as_deref(), std::slice::from_ref(&a.label))?;
     config.check_account(&account)?;
+    // The provisioning file carries the relay's CA: make it now when the
+    // defaults are in use, as `taas serve` would on first start.
     taas::cert::ensure_default(&config)?;
     let provision = taas::provision::Provision::new(&account, &config)?;
+    // Issued before the insert: a missing CA leaves no account behind.
+    let issued = if taas::cert::issues_label_certs(&config) {
+        Some(taas::cert::issue_label_cert(&config, &account)?)
+    } else {
+        None
+    };
     store.insert(&account)?;
-    let (json, js) = match provision.write(&a.out) {
+    let written = provision.write(&a.out).and_then(|(json, js)| {
+        let Some(issued) = &issued else {
+            return Ok((json, js, None));
+        };
+        match taas::provision::write_label_cert(&a.out, &account.uuid, issued) {
+            Ok(pair) => Ok((json, js, Some(pair))),
+            Err(e) => {
+                let _ = std::fs::remove_file(&json);
+                let _ = std::fs::remove_file(&js);
+                Err(e)
+            }
+        }
+    });
+    let (json, js, pair) = match written {
         Ok(paths) => paths,
         Err(e) => {
             // No account without its files: the secret would be lost.
@@ -281,12 +409,44 @@ fn users_add(a: &UsersAdd) -> Result<()> {
         account.labels.join(","),
         js.display()
     );
+    match (pair, issued) {
+        (Some((crt, key)), Some(issued)) => eprintln!(
+            "wrote {} and {} (0600) for {}, from the relay's CA {}",
+            crt.display(),
+            key.display(),
+            issued.names.join(", "),
+            config.ca_cert.display()
+        ),
+        _ => eprintln!(
+            "no label certificate: tls = false and no CA at {} (`taas cert` makes one, then `taas users cert {}`)",
+            config.ca_cert.display(),
+            account.uuid
+        ),
+    }
+    Ok(())
+}
+
+fn users_cert(a: &UsersCert) -> Result<()> {
+    let (config, store) = open_store(a.config.as_deref())?;
+    let id = taas::store::parse_uuid(&a.id)?;
+    let account = store.get(&id)?.ok_or(Error::NoSuchAccount(id))?;
+    let issued = taas::cert::issue_label_cert(&config, &account)?;
+    let (crt, key) = taas::provision::write_label_cert(&a.out, &account.uuid, &issued)?;
+    println!("{}", crt.display());
+    eprintln!(
+        "wrote {} and {} (0600) for {}, from the relay's CA {}",
+        crt.display(),
+        key.display(),
+        issued.names.join(", "),
+        config.ca_cert.display()
+    );
     Ok(())
 }
 
 fn expose(a: Expose) -> Result<()> {
     taas::logging::init(None)?;
     let p = taas::provision::Provision::load(&a.provision)?;
+    let tls = label_cert(&a, &p)?.map(std::sync::Arc::new);
     // Entries may be LABEL:PORT (a fixed port); the registration names LABEL.
     let names = p
         .labels
@@ -314,6 +474,8 @@ fn expose(a: Expose) -> Result<()> {
         return Err(Error::Usage("--pool must be 1 to 64".into()));
     }
     let registrar = taas::agent::Registrar::from_provision(&p)?;
+    // Installed before the slots start: a SIGHUP from then on reloads, never kills.
+    let signals = taas::sys::signals().map_err(|e| Error::io("signal set-up", e))?;
     let agent = taas::agent::Agent::start(
         registrar,
         taas::agent::ExposeConfig {
@@ -321,10 +483,62 @@ fn expose(a: Expose) -> Result<()> {
             to: a.to,
             pool: a.pool,
             eager: a.eager,
+            tls: tls.clone(),
         },
     )?;
-    taas::server::wait_for_signal(|| ())?;
+    let waited = taas::sys::wait_on(signals, || {
+        taas::logging::reopen();
+        let Some(cert) = &tls else { return };
+        match cert.reload() {
+            Ok(()) => log::info!(
+                "SIGHUP: certificate {} and key {} re-read; new connections get them",
+                cert.cert_path().display(),
+                cert.key_path().display()
+            ),
+            Err(e) => log::warn!("SIGHUP: keeping the certificate loaded before: {e}"),
+        }
+    });
+    waited.map_err(|e| Error::io("signal set-up", e))?;
     agent.stop();
     log::info!("stopped");
     Ok(())
+}
+
+/// `--tls [--cert F --key F]`: the certificate the agent serves, loaded now so
+/// a missing or unreadable file is an error at start, naming it. The default is
+/// `ID.crt` and `ID.key` beside the provisioning file (ID: the account's).
+fn label_cert(
+    a: &Expose,
+    p: &taas::provision::Provision,
+) -> Result<Option<taas::agent::LabelCert>> {
+    if !a.tls {
+        if a.cert.is_some() || a.key.is_some() {
+            return Err(Error::Usage("--cert and --key go with --tls".into()));
+        }
+        return Ok(None);
+    }
+    if a.eager {
+        return Err(Error::Usage(taas::agent::EAGER_TLS.into()));
+    }
+    let dir = a.provision.parent().unwrap_or(Path::new(""));
+    let (cert, key, default) = match (&a.cert, &a.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+        (None, None) => (
+            dir.join(format!("{}.crt", p.id())),
+            dir.join(format!("{}.key", p.id())),
+            true,
+        ),
+        _ => return Err(Error::Usage("--cert and --key go together".into())),
+    };
+    taas::agent::LabelCert::load(&cert, &key)
+        .map(Some)
+        .map_err(|e| match e {
+            Error::FileContent { path, reason } if default => Error::FileContent {
+                path,
+                reason: format!(
+                    "{reason} (the label certificate `taas users add` writes beside ID.json; `taas users cert ID` issues it again; or give --cert and --key)"
+                ),
+            },
+            e => e,
+        })
 }

@@ -1,51 +1,46 @@
-//! Counters for operators (`GET /metrics` in the Prometheus text format), kept with
-//! atomics and small maps so the hot relay path only adds to integers.
+//! Counters for operators (`GET /metrics` in the Prometheus text format), kept in
+//! atomics so the hot relay path only adds to integers.
 //!
-//! Invariant: every label value is one of a fixed set chosen in the code (results,
-//! statuses, limit names), never a peer's string, so the maps stay small.
+//! Invariants: every label value is one of a fixed set chosen in the code
+//! (`Registration`, `http::STATUSES`, `Limit`: one counter each), never a peer's
+//! string; every value of those sets is exported from the start, at 0, so a
+//! first event is not lost to `rate()`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-/// Every limit a newcomer can be refused by (`taas_refusals_total{limit}`).
-pub const REFUSAL_LIMITS: [&str; 9] = [
-    "first_octet_timeout",
-    "max_connections",
-    "max_connections_per_ip",
-    "max_pairs",
-    "max_pairs_per_ip",
-    "max_waiting",
-    "pair_wait",
-    "plug_same_ip",
-    "plug_timeout",
-];
-/// Every result of a registration (`taas_registrations_total{result}`).
-pub const REGISTRATION_RESULTS: [&str; 7] = [
-    "bad_request",
-    "forbidden",
-    "ok",
-    "replay",
-    "store_unavailable",
-    "throttled",
-    "unauthorized",
-];
-/// Every status the well-known port answers (`taas_requests_total{status}`).
-pub const REQUEST_STATUSES: [u16; 14] = [
-    200, 307, 400, 401, 403, 404, 405, 408, 409, 421, 429, 431, 500, 503,
-];
+use crate::http::STATUSES;
+use crate::limits::{Limit, named_set};
 
-/// The relay's counters. Counters whose labels come from a fixed set are
-/// exported at 0 for each value from the start, so a first event is not lost
-/// to `rate()` (Prometheus' instrumentation guidance).
+named_set! {
+    /// How a registration (or a pairings request) ended, as `/metrics` counts it.
+    Registration {
+        /// A plug was opened.
+        Ok = "ok",
+        /// No credentials, an unknown ID or a wrong token.
+        Unauthorized = "unauthorized",
+        /// The ID does not own the label.
+        Forbidden = "forbidden",
+        /// Too many failures.
+        Throttled = "throttled",
+        /// A token already used from another address.
+        Replay = "replay",
+        /// The account store did not answer.
+        StoreUnavailable = "store_unavailable",
+        /// Malformed credentials.
+        BadRequest = "bad_request",
+    }
+}
+
+/// The relay's counters.
+#[derive(Default)]
 pub struct Metrics {
-    /// Registrations by result.
-    registrations: Mutex<BTreeMap<&'static str, u64>>,
-    /// Requests on the well-known port by status.
-    requests: Mutex<BTreeMap<u16, u64>>,
-    /// Refusals by the limit that caused them.
-    refusals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Registrations by result, in `Registration::ALL`'s order.
+    registrations: [AtomicU64; Registration::ALL.len()],
+    /// Requests on the well-known port by status, in `STATUSES`' order.
+    requests: [AtomicU64; STATUSES.len()],
+    /// Refusals by the limit that caused them, in `Limit::ALL`'s order.
+    refusals: [AtomicU64; Limit::ALL.len()],
     /// Pairs opened.
     pairs_opened: AtomicU64,
     /// Pairs closed.
@@ -64,44 +59,34 @@ pub struct Metrics {
     rendezvous_open: AtomicI64,
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
-        let zeros = |keys: &[&'static str]| Mutex::new(keys.iter().map(|k| (*k, 0)).collect());
-        Metrics {
-            registrations: zeros(&REGISTRATION_RESULTS),
-            requests: Mutex::new(REQUEST_STATUSES.iter().map(|s| (*s, 0)).collect()),
-            refusals: zeros(&REFUSAL_LIMITS),
-            pairs_opened: AtomicU64::new(0),
-            pairs_closed: AtomicU64::new(0),
-            pairs_idle_closed: AtomicU64::new(0),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            auth_failures: AtomicU64::new(0),
-            store_errors: AtomicU64::new(0),
-            rendezvous_open: AtomicI64::new(0),
-        }
-    }
-}
-
-fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
-    *map.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(key)
-        .or_insert(0) += 1;
+/// The rows `{key="value"} count` of a fixed set's values and their counters.
+fn rows(
+    key: &str,
+    values: impl Iterator<Item = impl Display>,
+    counts: &[AtomicU64],
+) -> Vec<(String, u64)> {
+    values
+        .zip(counts)
+        .map(|(k, n)| (format!("{{{key}=\"{k}\"}}"), n.load(Relaxed)))
+        .collect()
 }
 
 impl Metrics {
     /// A registration ended with `result`.
-    pub fn registration(&self, result: &'static str) {
-        bump(&self.registrations, result);
+    pub fn registration(&self, result: Registration) {
+        self.registrations[result as usize].fetch_add(1, Relaxed);
     }
-    /// A request on the well-known port was answered `status`.
+    /// A request on the well-known port was answered `status` (one of
+    /// `http::STATUSES`; any other is counted as the 500 it is answered as).
     pub fn request(&self, status: u16) {
-        bump(&self.requests, status);
+        let at = |status| STATUSES.iter().position(|(s, _)| *s == status);
+        if let Some(i) = at(status).or_else(|| at(500)) {
+            self.requests[i].fetch_add(1, Relaxed);
+        }
     }
     /// A newcomer was refused by `limit`.
-    pub fn refused(&self, limit: &'static str) {
-        bump(&self.refusals, limit);
+    pub fn refused(&self, limit: Limit) {
+        self.refusals[limit as usize].fetch_add(1, Relaxed);
     }
     /// A pair was closed by `idle_timeout` (also counted by `pair_closed`).
     pub fn pair_idle_closed(&self) {
@@ -129,82 +114,76 @@ impl Metrics {
     pub fn rendezvous_open(&self, delta: i64) {
         self.rendezvous_open.fetch_add(delta, Relaxed);
     }
-    /// Pairs relaying now.
-    pub fn pairs_active(&self) -> u64 {
-        self.pairs_opened
-            .load(Relaxed)
-            .saturating_sub(self.pairs_closed.load(Relaxed))
-    }
 
-    /// The Prometheus text exposition; `waiting` is responders per label.
-    pub fn render(&self, waiting: &[(String, usize)]) -> String {
+    /// The Prometheus text exposition; `waiting` is responders per label and
+    /// `pairs_active` the pairs relaying now (the relay's table says both).
+    pub fn render(&self, waiting: &[(String, usize)], pairs_active: usize) -> String {
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, value) in rows {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let one = |v: u64| vec![(String::new(), v.to_string())];
-        let by = |key: &str, map: Vec<(String, u64)>| {
-            map.into_iter()
-                .map(|(k, v)| (format!("{{{key}=\"{k}\"}}"), v.to_string()))
-                .collect()
-        };
-        let snap = |m: &Mutex<BTreeMap<&'static str, u64>>| {
-            let m = m.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect::<Vec<_>>()
-        };
-        let requests: Vec<(String, u64)> = {
-            let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter().map(|(k, v)| (k.to_string(), *v)).collect()
-        };
+        let one = |v: &AtomicU64| vec![(String::new(), v.load(Relaxed))];
+        let counters = [
+            (
+                "pairs_opened",
+                &self.pairs_opened,
+                "Pairs that began relaying.",
+            ),
+            ("pairs_closed", &self.pairs_closed, "Pairs that ended."),
+            (
+                "pairs_idle_closed",
+                &self.pairs_idle_closed,
+                "Pairs closed after idle_timeout with no octet either way.",
+            ),
+            (
+                "auth_failures",
+                &self.auth_failures,
+                "Failed authentications.",
+            ),
+            ("store_errors", &self.store_errors, "Account store errors."),
+        ];
         family(
             "taas_registrations_total",
             "counter",
             "Registrations by result.",
-            by("result", snap(&self.registrations)),
+            rows(
+                "result",
+                Registration::ALL.iter().map(|r| r.name()),
+                &self.registrations,
+            ),
         );
         family(
             "taas_requests_total",
             "counter",
             "Requests on the well-known port by status.",
-            by("status", requests),
+            rows("status", STATUSES.iter().map(|s| s.0), &self.requests),
         );
         family(
-            "taas_pairs_opened_total",
+            "taas_refusals_total",
             "counter",
-            "Pairs that began relaying.",
-            one(self.pairs_opened.load(Relaxed)),
+            "Newcomers refused, by limit.",
+            rows("limit", Limit::ALL.iter(), &self.refusals),
         );
-        family(
-            "taas_pairs_closed_total",
-            "counter",
-            "Pairs that ended.",
-            one(self.pairs_closed.load(Relaxed)),
-        );
-        family(
-            "taas_pairs_active",
-            "gauge",
-            "Pairs relaying now.",
-            one(self.pairs_active()),
-        );
+        for (name, value, help) in counters {
+            family(&format!("taas_{name}_total"), "counter", help, one(value));
+        }
         family(
             "taas_relayed_bytes_total",
             "counter",
             "Octets relayed, by direction (counted when a pair closes).",
             vec![
-                (
-                    "{direction=\"up\"}".into(),
-                    self.bytes_up.load(Relaxed).to_string(),
-                ),
-                (
-                    "{direction=\"down\"}".into(),
-                    self.bytes_down.load(Relaxed).to_string(),
-                ),
+                ("{direction=\"up\"}".into(), self.bytes_up.load(Relaxed)),
+                ("{direction=\"down\"}".into(), self.bytes_down.load(Relaxed)),
             ],
+        );
+        family(
+            "taas_pairs_active",
+            "gauge",
+            "Pairs relaying now.",
+            vec![(String::new(), pairs_active as u64)],
         );
         family(
             "taas_waiting_responders",
@@ -212,38 +191,17 @@ impl Metrics {
             "Responders waiting, by label.",
             waiting
                 .iter()
-                .map(|(l, n)| (format!("{{label=\"{l}\"}}"), n.to_string()))
+                .map(|(l, n)| (format!("{{label=\"{l}\"}}"), *n as u64))
                 .collect(),
         );
         family(
             "taas_rendezvous_ports_open",
             "gauge",
             "Rendezvous ports open now.",
-            one(self.rendezvous_open.load(Relaxed).max(0) as u64),
-        );
-        family(
-            "taas_refusals_total",
-            "counter",
-            "Newcomers refused, by limit.",
-            by("limit", snap(&self.refusals)),
-        );
-        family(
-            "taas_pairs_idle_closed_total",
-            "counter",
-            "Pairs closed after idle_timeout with no octet either way.",
-            one(self.pairs_idle_closed.load(Relaxed)),
-        );
-        family(
-            "taas_auth_failures_total",
-            "counter",
-            "Failed authentications.",
-            one(self.auth_failures.load(Relaxed)),
-        );
-        family(
-            "taas_store_errors_total",
-            "counter",
-            "Account store errors.",
-            one(self.store_errors.load(Relaxed)),
+            vec![(
+                String::new(),
+                self.rendezvous_open.load(Relaxed).max(0) as u64,
+            )],
         );
         out
     }
@@ -255,18 +213,26 @@ mod tests {
 
     #[test]
     fn fixed_label_sets_are_exported_at_zero_from_the_start() {
-        let text = Metrics::default().render(&[]);
-        for limit in REFUSAL_LIMITS {
+        let text = Metrics::default().render(&[], 0);
+        for limit in Limit::ALL {
             let row = format!("taas_refusals_total{{limit=\"{limit}\"}} 0");
             assert!(text.lines().any(|l| l == row), "{row}");
         }
-        for result in REGISTRATION_RESULTS {
-            let row = format!("taas_registrations_total{{result=\"{result}\"}} 0");
+        for result in Registration::ALL {
+            let row = format!("taas_registrations_total{{result=\"{}\"}} 0", result.name());
             assert!(text.lines().any(|l| l == row), "{row}");
         }
-        assert!(
-            text.lines()
-                .any(|l| l == "taas_requests_total{status=\"503\"} 0")
-        );
+        for (status, _) in STATUSES {
+            let row = format!("taas_requests_total{{status=\"{status}\"}} 0");
+            assert!(text.lines().any(|l| l == row), "{row}");
+        }
+        assert!(text.lines().any(|l| l == "taas_pairs_idle_closed_total 0"));
+        // A count shows in its own row only.
+        let m = Metrics::default();
+        m.refused(Limit::MaxWaiting);
+        let text = m.render(&[], 1);
+        assert!(text.contains("taas_refusals_total{limit=\"max_waiting\"} 1\n"));
+        assert!(text.contains("taas_refusals_total{limit=\"pair_wait\"} 0\n"));
+        assert!(text.contains("taas_pairs_active 1\n"));
     }
 }

@@ -1,4 +1,4 @@
-//! The plug (PROTOCOL.md section 1): after a 200, a port that accepts exactly one
+//! The plug (docs/PROTOCOL.md section 1): after a 200, a port that accepts exactly one
 //! TCP connection — by default only from the registering address — within
 //! `plug_timeout`, then stops listening. The connection joins the label's pool.
 //!
@@ -13,30 +13,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::pool::{self, Label, Responder};
-use crate::server::{Shared, spawn};
+use crate::limits::Limit;
+use crate::pool::{Label, Responder};
+use crate::state::Shared;
+use crate::sys::{SMALL_STACK, set_keepalive, spawn};
 
 /// Longest sleep between two polls of a plug (a hidden server connects within
 /// milliseconds of its 200; this bounds the wake-ups of a slow one).
 pub const MAX_TICK: Duration = Duration::from_millis(50);
-/// Stack of a plug thread.
-pub const PLUG_STACK: usize = 64 * 1024;
 
 /// Opens a plug for `label` and returns its port. When the label's pool and
 /// open plugs already hold `max_waiting`, `Error::PoolFull` (503 with
 /// Retry-After) and no plug.
 pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Result<u16> {
     let Some(slot) = label.plug_slot() else {
-        shared.refusals.note(
-            "max_waiting",
-            &format!(
-                "{} from {registrant} ({} waiting, {} plugs open)",
-                label.name,
-                label.waiting(),
-                label.plugs_open()
-            ),
+        let detail = format!(
+            "{} from {registrant} ({} waiting, {} plugs open)",
+            label.name,
+            label.waiting(),
+            label.plugs_open()
         );
-        shared.metrics.refused("max_waiting");
+        shared.refuse(Limit::MaxWaiting, &detail);
         return Err(Error::PoolFull {
             label: label.name.clone(),
             max: label.max_waiting(),
@@ -51,10 +48,11 @@ pub fn open(shared: &Arc<Shared>, label: Arc<Label>, registrant: IpAddr) -> Resu
         .set_nonblocking(true)
         .map_err(|e| Error::io("plug bind", e))?;
     let s = shared.clone();
-    spawn("plug", PLUG_STACK, move || {
+    spawn("plug", SMALL_STACK, move || {
         wait(&s, &label, &listener, port, registrant);
         drop(slot);
-    })?;
+    })
+    .map_err(|e| Error::io("spawn thread", e))?;
     Ok(port)
 }
 
@@ -68,11 +66,12 @@ fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, regis
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             log::warn!(
-                "plug {port} for {}: no connection within plug_timeout ({} s); refused {refused} from other addresses, {errors} accept errors",
+                "plug {port} for {}: no connection within {} ({} s); refused {refused} from other addresses, {errors} accept errors",
                 label.name,
+                Limit::PlugTimeout,
                 shared.config.plug_timeout.as_secs_f64()
             );
-            shared.metrics.refused("plug_timeout");
+            shared.metrics.refused(Limit::PlugTimeout);
             return;
         }
         match listener.accept() {
@@ -81,18 +80,19 @@ fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, regis
                     refused += 1;
                     if refused == 1 {
                         log::warn!(
-                            "plug {port} for {}: refused {peer}, registered from {registrant}",
-                            label.name
+                            "plug {port} for {}: refused {peer}, registered from {registrant} ({})",
+                            label.name,
+                            Limit::PlugSameIp
                         );
                     }
-                    shared.metrics.refused("plug_same_ip");
+                    shared.metrics.refused(Limit::PlugSameIp);
                     continue;
                 }
                 // Set now, off the way of the mobile client it will be paired with.
                 if let Err(e) = stream
                     .set_nonblocking(false)
                     .and_then(|()| stream.set_nodelay(true))
-                    .and_then(|()| pool::set_keepalive(&stream))
+                    .and_then(|()| set_keepalive(&stream))
                 {
                     log::warn!("plug {port} for {}: {peer}: {e}", label.name);
                     return;

@@ -1,5 +1,6 @@
-//! Per-label state (PROTOCOL.md sections 1 to 3): the pool of waiting responders,
-//! the label's rendezvous port, the last 307s given out and the pairing records.
+//! Per-label state (docs/PROTOCOL.md sections 1 to 3): the pool of waiting
+//! responders, the handle of the label's rendezvous port, the last 307s given out
+//! and the pairing records. What `plug` puts in and `rendezvous` takes out.
 //!
 //! Invariants:
 //! - a label holds at most `max_waiting` responders and open plugs together: a
@@ -13,28 +14,22 @@
 //!   `MAX_REDIRECTS`.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 use serde::Serialize;
 
-use crate::rendezvous::Rendezvous;
+use crate::sys::{PeerState, lock, peer_state, wake};
 
-/// Pairing records kept per label (PROTOCOL.md section 3).
+/// Pairing records kept per label (docs/PROTOCOL.md section 3).
 pub const MAX_PAIRINGS: usize = 100;
 /// 307s remembered per label, to give a pairing the path that led to it.
 pub const MAX_REDIRECTS: usize = 64;
 /// How long a 307's path is remembered for its connection to arrive.
 pub const REDIRECT_MEMORY: Duration = Duration::from_secs(30);
-/// Keepalive on waiting responders: first probe after this much silence…
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
-/// …then one probe every this long…
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// …and the peer is dead after this many unanswered (about 30 s in all).
-pub const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A hidden server's connection, waiting in a pool.
 pub struct Responder {
@@ -46,54 +41,56 @@ pub struct Responder {
 
 impl Responder {
     /// Is the peer still there? A non-blocking peek: EOF or an error means no;
-    /// no data (`WouldBlock`) or early data means yes. Nothing is consumed.
+    /// no data or early data means yes. Nothing is consumed.
     pub fn is_alive(&self) -> bool {
-        is_alive(&self.stream)
+        crate::sys::is_alive(&self.stream)
     }
 }
 
-/// Is the peer of `stream` still there? A non-blocking peek: EOF or an error
-/// means no; no data (`WouldBlock`) or data means yes. Nothing is consumed.
-pub fn is_alive(stream: &TcpStream) -> bool {
-    peer_state(stream) != PeerState::Gone
+/// A label's open rendezvous port, as the label keeps it (`rendezvous` opens it
+/// and runs its accept loop).
+pub struct OpenPort {
+    /// The port given out in 307s.
+    pub port: u16,
+    /// The bound address (to wake the accept loop when closing).
+    addr: SocketAddr,
+    /// Last 307 or accepted connection.
+    last_used: Mutex<Instant>,
+    /// Set when closing; the accept loop ends at its next wake-up.
+    closed: AtomicBool,
 }
 
-/// What a non-blocking peek says of a peer.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PeerState {
-    /// EOF, an error, or a socket that cannot be asked.
-    Gone,
-    /// There, silent.
-    Quiet,
-    /// There, with octets waiting to be read.
-    Speaking,
-}
-
-/// Peeks at `stream` without consuming or blocking: one `recv(MSG_PEEK |
-/// MSG_DONTWAIT)`, whatever the socket's own blocking mode (pairing peeks at
-/// every waiting responder, so this is on each mobile connection's way).
-pub fn peer_state(stream: &TcpStream) -> PeerState {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    let flags = nix::libc::MSG_PEEK | nix::libc::MSG_DONTWAIT;
-    loop {
-        return match socket2::SockRef::from(stream).recv_with_flags(&mut byte, flags) {
-            Ok(0) => PeerState::Gone,
-            Ok(_) => PeerState::Speaking,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeerState::Quiet,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => PeerState::Gone,
-        };
+impl OpenPort {
+    /// The handle of a port just bound at `addr`.
+    pub fn new(addr: SocketAddr) -> OpenPort {
+        OpenPort {
+            port: addr.port(),
+            addr,
+            last_used: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
+        }
     }
-}
 
-/// Turns on TCP keepalive with the short intervals above, so a peer that vanished
-/// without a FIN is found dead.
-pub fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&ka)
+    /// Marks the port as used now.
+    pub fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
+
+    /// Time since last use.
+    pub fn idle_for(&self) -> Duration {
+        lock(&self.last_used).elapsed()
+    }
+
+    /// Stops the accept loop (the listener is dropped there).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        wake(self.addr);
+    }
+
+    /// Has `close` been called?
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
 }
 
 /// One pairing, as `GET /pairings/LABEL` returns it.
@@ -120,7 +117,7 @@ pub struct Label {
     /// Serialises pushes and prunes so eviction keeps FIFO order.
     push_lock: Mutex<()>,
     /// The rendezvous port, while open.
-    pub rendezvous: Mutex<Option<Arc<Rendezvous>>>,
+    pub rendezvous: Mutex<Option<Arc<OpenPort>>>,
     /// Recent 307s: mobile address, path with query, when.
     redirects: Mutex<VecDeque<(IpAddr, String, Instant)>>,
     /// The last `MAX_PAIRINGS` pairings, oldest first.
@@ -128,7 +125,7 @@ pub struct Label {
     /// When a responder last arrived or was paired.
     last_active: Mutex<Option<Instant>>,
     /// Plugs open for this label (with the pool, bounded by `max_waiting`).
-    plugs: std::sync::atomic::AtomicUsize,
+    plugs: AtomicUsize,
     /// The fixed rendezvous port (`LABEL:PORT`), as the last registration's
     /// account said.
     fixed_port: Mutex<Option<u16>>,
@@ -139,9 +136,7 @@ pub struct PlugSlot(Arc<Label>);
 
 impl Drop for PlugSlot {
     fn drop(&mut self) {
-        self.0
-            .plugs
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.plugs.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -157,34 +152,38 @@ impl Label {
     /// `max_waiting`. At a full label the dead responders are dropped first, so a
     /// refusal is never caused by a stale pool.
     pub fn plug_slot(self: &Arc<Label>) -> Option<PlugSlot> {
-        use std::sync::atomic::Ordering;
         let max = self.max_waiting();
-        let take = |waiting: usize| {
+        // Under the push lock: prune and take_speaking empty the channel for a
+        // moment while they hold it, and a count taken then would read 0.
+        let take = || {
+            let _guard = lock(&self.push_lock);
+            let waiting = self.rx.len();
             self.plugs
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                     (n + waiting < max).then_some(n + 1)
                 })
                 .is_ok()
         };
-        if take(self.waiting()) || take(self.prune()) {
+        if take() {
             return Some(PlugSlot(self.clone()));
         }
-        None
+        self.prune();
+        take().then(|| PlugSlot(self.clone()))
     }
 
     /// Plugs open now.
     pub fn plugs_open(&self) -> usize {
-        self.plugs.load(std::sync::atomic::Ordering::SeqCst)
+        self.plugs.load(Ordering::SeqCst)
     }
 
     /// Sets the fixed rendezvous port the owner's account gives this label.
     pub fn set_fixed_port(&self, port: Option<u16>) {
-        *self.fixed_port.lock().unwrap_or_else(|p| p.into_inner()) = port;
+        *lock(&self.fixed_port) = port;
     }
 
     /// The fixed rendezvous port, if the label has one.
     pub fn fixed_port(&self) -> Option<u16> {
-        *self.fixed_port.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.fixed_port)
     }
 
     /// A label with an empty pool of capacity `max_waiting`.
@@ -198,31 +197,28 @@ impl Label {
             rendezvous: Mutex::new(None),
             redirects: Mutex::new(VecDeque::new()),
             pairings: Mutex::new(VecDeque::new()),
-            plugs: std::sync::atomic::AtomicUsize::new(0),
+            plugs: AtomicUsize::new(0),
             last_active: Mutex::new(None),
             fixed_port: Mutex::new(None),
         }
     }
 
     fn touch(&self) {
-        *self.last_active.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *lock(&self.last_active) = Some(Instant::now());
     }
 
     /// Did a responder arrive or get paired within `window`? A hidden server that
     /// was just paired is registering again: a mobile client sent to the
     /// rendezvous port now is paired with that responder within `pair_wait`.
     pub fn active_within(&self, window: Duration) -> bool {
-        self.last_active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < window)
+        lock(&self.last_active).is_some_and(|t| t.elapsed() < window)
     }
 
     /// Adds a responder. Plug slots keep the pool from filling; should it be full
     /// all the same (a plug that outlived a refusal), the oldest is closed to
     /// make room. Returns the evicted responder's peer, if any.
     pub fn push(&self, responder: Responder) -> Option<SocketAddr> {
-        let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = lock(&self.push_lock);
         self.touch();
         let mut evicted = None;
         let mut item = responder;
@@ -264,12 +260,12 @@ impl Label {
     /// speaks first, e.g. `--eager`: its banner waits at the relay), if any.
     /// Dead ones met on the way are dropped; the others keep their order.
     pub fn take_speaking(&self) -> Option<Responder> {
-        let _guard = crate::server::lock(&self.push_lock);
+        let _guard = lock(&self.push_lock);
         let mut found = None;
         let rest: Vec<Responder> = self
             .rx
             .try_iter()
-            .filter_map(|r| match peer_state(&r.stream) {
+            .filter_map(|r| match peer_state(&r.stream, Duration::ZERO) {
                 PeerState::Gone => None,
                 PeerState::Speaking if found.is_none() => {
                     found = Some(r);
@@ -290,7 +286,7 @@ impl Label {
 
     /// Drops dead responders, keeping the order of the live; returns how many wait.
     pub fn prune(&self) -> usize {
-        let _guard = self.push_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = lock(&self.push_lock);
         let live: Vec<Responder> = self.rx.try_iter().filter(Responder::is_alive).collect();
         let n = live.len();
         for r in live {
@@ -312,7 +308,7 @@ impl Label {
 
     /// Remembers that `mobile` was sent to the rendezvous port for `path`.
     pub fn remember_redirect(&self, mobile: IpAddr, path: &str) {
-        let mut q = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.redirects);
         if q.len() >= MAX_REDIRECTS {
             q.pop_front();
         }
@@ -322,7 +318,7 @@ impl Label {
     /// The path of the oldest recent 307 given to `mobile`, or "" (a direct
     /// connection to the rendezvous port).
     pub fn redirect_path(&self, mobile: IpAddr) -> String {
-        let mut q = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.redirects);
         q.retain(|(_, _, at)| at.elapsed() < REDIRECT_MEMORY);
         match q.iter().position(|(ip, _, _)| *ip == mobile) {
             Some(i) => q.remove(i).map(|(_, path, _)| path).unwrap_or_default(),
@@ -332,16 +328,21 @@ impl Label {
 
     /// Adds a pairing record, keeping the last `MAX_PAIRINGS`.
     pub fn record(&self, p: Pairing) {
-        let mut q = self.pairings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.pairings);
         while q.len() >= MAX_PAIRINGS {
             q.pop_front();
         }
         q.push_back(p);
     }
 
+    /// Pairing records kept.
+    pub fn pairing_count(&self) -> usize {
+        lock(&self.pairings).len()
+    }
+
     /// The pairing records, oldest first.
     pub fn pairings(&self) -> Vec<Pairing> {
-        let q = self.pairings.lock().unwrap_or_else(|p| p.into_inner());
+        let q = lock(&self.pairings);
         q.iter().cloned().collect()
     }
 }
@@ -366,7 +367,7 @@ impl Labels {
     /// The label's state, created on first use (registrations only: the caller
     /// has authenticated an owner of `name`).
     pub fn get_or_create(&self, name: &str) -> Arc<Label> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         map.entry(name.to_string())
             .or_insert_with(|| Arc::new(Label::new(name, self.max_waiting)))
             .clone()
@@ -374,22 +375,15 @@ impl Labels {
 
     /// The label's state if a registration ever created it.
     pub fn get(&self, name: &str) -> Option<Arc<Label>> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let map = lock(&self.map);
         map.get(name).cloned()
     }
 
     /// Every label's state.
     pub fn all(&self) -> Vec<Arc<Label>> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let map = lock(&self.map);
         map.values().cloned().collect()
     }
-}
-
-/// Milliseconds since the epoch.
-pub fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// "IP PORT", the pairing record's address form.

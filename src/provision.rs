@@ -1,17 +1,24 @@
-//! Provisioning files (PROTOCOL.md section 5): what a hidden server needs to
+//! Provisioning files (docs/PROTOCOL.md section 5): what a hidden server needs to
 //! register — `ID.json`, and the legacy `ID.js` (`exports.params = {…};`) that the
 //! original's hidden servers read.
 //!
-//! Invariants: both files hold the TOTP secret and are written mode 0600; reading
+//! Beside them go `ID.crt` and `ID.key`, the label certificate the relay's CA
+//! issued for every label of the account and its key, where `taas expose` finds
+//! them next to the provisioning file it is given.
+//!
+//! Invariants: all four files are secrets (the TOTP secret, the label key) and
+//! are written mode 0600, by way of a new file renamed into place; reading
 //! accepts either form, and `uuid` as the original's one-element array or a string.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cert::Issued;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{Account, create_private_dir, write_private};
+use crate::store::Account;
+use crate::sys::{create_private_dir, refuse_foreign_dir, write_private};
 use crate::totp::{Algorithm, Totp};
 
 /// How to reach the relay.
@@ -21,8 +28,9 @@ pub struct ServerInfo {
     pub hostname: String,
     /// The well-known port.
     pub port: u16,
-    /// PEM of the relay's certificate; absent when the relay runs without TLS
-    /// (then a hidden server uses plain HTTP) or uses a publicly trusted one.
+    /// Every PEM needed to verify the registrar the relay serves, then the
+    /// relay's CA, concatenated (`cert::server_ca`); absent when the relay runs
+    /// without TLS (then a hidden server uses plain HTTP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
 }
@@ -87,18 +95,11 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(
 }
 
 impl Provision {
-    /// The file for `account` on the relay described by `config`; the `ca` is the
-    /// relay's certificate when TLS is on.
+    /// The file for `account` on the relay described by `config`; the `ca` is
+    /// what verifies the registrar, and the relay's CA, when TLS is on.
     pub fn new(account: &Account, config: &Config) -> Result<Provision> {
         let totp = account.totp()?;
-        let ca = if config.tls {
-            Some(
-                std::fs::read_to_string(&config.cert)
-                    .map_err(|e| Error::file(&config.cert, "read", e))?,
-            )
-        } else {
-            None
-        };
+        let ca = crate::cert::server_ca(config)?;
         // `name` is the first label's host name (`cam` of a fixed-port `cam:8888`).
         let first = account.labels.first().map_or("", |l| {
             l.split_once(':').map_or(l.as_str(), |(name, _)| name)
@@ -149,7 +150,7 @@ impl Provision {
     /// The TOTP this file describes.
     pub fn totp(&self) -> Result<Totp> {
         let algorithm = Algorithm::parse(&self.algorithm).ok_or_else(|| {
-            Error::Usage(format!("algorithm {:?} is not supported", self.algorithm))
+            Error::BadTotp(format!("algorithm {:?} is not supported", self.algorithm))
         })?;
         Totp::new(&self.base32, self.step, Some(self.digits), algorithm)
     }
@@ -178,9 +179,10 @@ impl Provision {
 
     /// Writes `DIR/ID.json` and `DIR/ID.js`, mode 0600; returns their paths.
     pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-        crate::store::refuse_foreign_dir(dir)?;
+        refuse_foreign_dir(dir)?;
         create_private_dir(dir)?;
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Usage(e.to_string()))?;
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Encode(format!("provisioning file: {e}")))?;
         let json_path = dir.join(format!("{}.json", self.id()));
         let js_path = dir.join(format!("{}.js", self.id()));
         write_private(&json_path, format!("{json}\n").as_bytes(), 0o600)?;
@@ -197,6 +199,26 @@ impl Provision {
         })?;
         Ok((json_path, js_path))
     }
+}
+
+/// `DIR/ID.crt` and `DIR/ID.key`: the label certificate beside `DIR/ID.json`.
+pub fn label_cert_paths(dir: &Path, id: &str) -> (PathBuf, PathBuf) {
+    (dir.join(format!("{id}.crt")), dir.join(format!("{id}.key")))
+}
+
+/// Writes the label certificate and its key as `DIR/ID.crt` and `DIR/ID.key`,
+/// both mode 0600 (the key is a secret; the certificate goes with it), both or
+/// neither; an earlier pair is replaced. Returns their paths.
+pub fn write_label_cert(dir: &Path, id: &str, issued: &Issued) -> Result<(PathBuf, PathBuf)> {
+    refuse_foreign_dir(dir)?;
+    create_private_dir(dir)?;
+    let (crt, key) = label_cert_paths(dir, id);
+    write_private(&key, issued.key_pem.as_bytes(), 0o600)?;
+    write_private(&crt, issued.cert_pem.as_bytes(), 0o600).inspect_err(|_| {
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(&crt);
+    })?;
+    Ok((crt, key))
 }
 
 #[cfg(test)]

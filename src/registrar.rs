@@ -1,9 +1,12 @@
-//! The registrar (PROTOCOL.md sections 1 and 4): `PUT /register/LABEL` opens a plug
-//! for an authenticated owner of LABEL; `GET /pairings/LABEL` lists its pairings.
+//! The registrar (docs/PROTOCOL.md sections 1 and 4): `PUT /register/LABEL` opens
+//! a plug for an authenticated owner of LABEL; `GET /pairings/LABEL` lists its
+//! pairings.
 //!
 //! Invariants: nothing is done for a request before its credentials pass the
 //! throttle and TOTP check; the token is never logged; the answer body of a 200 is
-//! exactly `public_host:port` built from the config, never from the request.
+//! exactly `public_host:port` built from the config, never from the request; a
+//! fixed-port label's rendezvous port is open before its plug is (a port the
+//! relay cannot bind is that registration's error, and no plug opens).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,13 +15,23 @@ use crate::auth;
 use crate::error::{Error, Result};
 use crate::http::{Head, Response};
 use crate::label;
+use crate::metrics::Registration;
 use crate::plug;
-use crate::rendezvous;
-use crate::server::Shared;
+use crate::pool::Label;
+use crate::state::Shared;
 use crate::store::Account;
 
+/// What opens a label's rendezvous port (`rendezvous::port_for`, handed in by
+/// the server: the registrar sits beside the rendezvous, not above it).
+pub type PortOpener = fn(&Arc<Shared>, &Arc<Label>) -> Result<u16>;
+
 /// Answers a request addressed to the registrar host.
-pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Response> {
+pub fn handle(
+    shared: &Arc<Shared>,
+    head: &Head,
+    peer: SocketAddr,
+    open_port: PortOpener,
+) -> Result<Response> {
     let path = head.path();
     if let Some(name) = path.strip_prefix("/register/") {
         if head.method != "PUT" {
@@ -34,26 +47,24 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
         let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
         let fixed = account.fixed_port(&name);
-        if let Some(port) = fixed {
-            // A record written by another tool (the original's users page) may
-            // name a port this relay keeps for itself.
-            shared.config.check_entry(&label::Entry {
-                name: name.clone(),
-                port: Some(port),
-            })?;
-        }
+        // A record written by another tool (the original's users page) may
+        // own the reserved label or name a port this relay keeps for itself.
+        shared.config.check_entry(&label::Entry {
+            name: name.clone(),
+            port: fixed,
+        })?;
         lab.set_fixed_port(fixed);
         if fixed.is_some() {
             // A fixed port listens from the label's first registration on; one
             // the relay cannot bind is this registration's error.
-            rendezvous::port_for(shared, &lab)?;
+            open_port(shared, &lab)?;
         }
         let port = plug::open(shared, lab, peer.ip())?;
         let mut r = Response::text(200, "");
         // Exactly HOST:PORT, as the original: strict parsers fail on a newline.
         r.body = shared.config.public_addr(port).into_bytes();
         r.note = format!("plug {port}");
-        shared.metrics.registration("ok");
+        shared.metrics.registration(Registration::Ok);
         Ok(r)
     } else if let Some(name) = path.strip_prefix("/pairings/") {
         if head.method != "GET" {
@@ -66,7 +77,8 @@ pub fn handle(shared: &Arc<Shared>, head: &Head, peer: SocketAddr) -> Result<Res
             .get(&name)
             .map(|l| l.pairings())
             .unwrap_or_default();
-        let body = serde_json::to_vec(&list).map_err(|e| Error::Usage(e.to_string()))?;
+        let body =
+            serde_json::to_vec(&list).map_err(|e| Error::Encode(format!("pairings: {e}")))?;
         let mut r = Response::text(200, "");
         r.content_type = "application/json";
         r.body = body;
@@ -85,7 +97,7 @@ fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Res
         let account =
             shared
                 .guard
-                .authenticate(&shared.store, &creds, peer.ip(), crate::unix_time())?;
+                .authenticate(&shared.store, &creds, peer.ip(), crate::sys::unix_time())?;
         if !account.owns(label) {
             return Err(Error::Forbidden {
                 id: account.uuid,
@@ -96,17 +108,17 @@ fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Res
     })();
     if let Err(e) = &result {
         shared.metrics.registration(match e {
-            Error::AuthMissing | Error::AuthFailed => "unauthorized",
-            Error::Forbidden { .. } => "forbidden",
-            Error::Throttled(_) => "throttled",
-            Error::Replay(_) => "replay",
-            Error::StoreUnavailable(_) | Error::StoreBusy => "store_unavailable",
-            _ => "bad_request",
+            Error::AuthMissing | Error::AuthFailed => Registration::Unauthorized,
+            Error::Forbidden { .. } => Registration::Forbidden,
+            Error::Throttled(_) => Registration::Throttled,
+            Error::Replay(_) => Registration::Replay,
+            Error::StoreUnavailable(_) | Error::StoreBusy(_) => Registration::StoreUnavailable,
+            _ => Registration::BadRequest,
         });
         if matches!(e, Error::AuthFailed) {
             shared.metrics.auth_failure();
         }
-        if matches!(e, Error::StoreUnavailable(_) | Error::StoreBusy) {
+        if matches!(e, Error::StoreUnavailable(_) | Error::StoreBusy(_)) {
             shared.metrics.store_error();
         }
     }

@@ -1,4 +1,4 @@
-//! The relay (PROTOCOL.md section 3): octets copied both ways between a mobile
+//! The relay (docs/PROTOCOL.md section 3): octets copied both ways between a mobile
 //! client and a hidden server until both directions end.
 //!
 //! Invariants: nothing is added, dropped or reordered; an EOF in one direction
@@ -17,11 +17,13 @@
 //! thread with non-blocking sockets and one poll(2) (one thread a pair: 10 KiB
 //! of memory for an idle pair, where a thread per direction cost 19.5); a
 //! direction makes its pipe at its first octet and gives it back after
-//! `PIPE_IDLE` of quiet, so an idle pair holds its two sockets only (the agent
-//! drives its connections with `run_answered`, the same loop telling it when
-//! the local service's first answer has been passed on). `one_way` copies one
-//! direction with blocking calls, for the agent's `--eager` connections, whose
-//! sockets two threads use (so they must stay blocking).
+//! `PIPE_IDLE` of quiet, so an idle pair holds its two sockets only: the one
+//! splice path (`run_with` is the same loop, moving the octets known to be
+//! waiting in its first turn and running a hook once, early: the rendezvous
+//! starts its next accepting thread there, the agent hands its slot over).
+//! `one_way` copies one direction with a blocking `io::copy`, for the agent's
+//! `--eager`, whose sockets other threads also use (so they must stay
+//! blocking).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -34,8 +36,8 @@ pub const COPY_BUF: usize = 8 * 1024;
 /// Chunks a direction may move before the other gets its turn.
 const TURN: usize = 16;
 
-/// The default pipe capacity (16 pages): what `one_way` asks of one splice, and
-/// what a relay pipe holds where it cannot be grown to `PIPE_SIZE`.
+/// The default pipe capacity (16 pages): what a relay pipe holds where it cannot
+/// be grown to `PIPE_SIZE`.
 pub const SPLICE_CHUNK: usize = 64 * 1024;
 
 /// Capacity asked for a relay pipe (F_SETPIPE_SZ): four times the default, so a
@@ -55,7 +57,7 @@ pub const PIPE_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 pub enum Copier {
     /// `splice(2)` through a pipe, falling back to `Copy` where refused.
     Splice,
-    /// Through user space: `run`'s read/write loop, `one_way`'s `io::copy`.
+    /// Through user space: `run`'s read/write loop.
     Copy,
 }
 
@@ -293,6 +295,7 @@ enum Held {
 struct Way {
     /// Splice until the kernel refuses it, then copy.
     copier: Copier,
+    /// Where its octets wait between the read and the write.
     held: Held,
     /// Octets read and not yet written.
     pending: usize,
@@ -480,200 +483,21 @@ fn later(e: &io::Error) -> bool {
     )
 }
 
-/// Copies `from` to `to` with blocking calls; at EOF half-closes `to`, on error
-/// closes both. Returns the octets copied and the error, if any.
-pub fn one_way(from: &TcpStream, to: &TcpStream, copier: Copier) -> (u64, Option<io::Error>) {
-    let mut count = 0;
-    let mut result = match copier {
-        Copier::Splice => splice::copy(from, to, &mut count),
-        Copier::Copy => Err(splice::Refused.into()),
-    };
-    if let Err(e) = &result
-        && splice::Refused::is(e)
-    {
-        let (more, rest) = copy_in_user_space(from, to);
-        count += more;
-        result = rest;
+/// Copies `from` to `to` with a blocking `io::copy`; at EOF half-closes `to`,
+/// on error closes both. Returns the octets copied.
+pub fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    let copied = io::copy(&mut &*from, &mut &*to);
+    match &copied {
+        // The peer may already be gone; its own direction reports that.
+        Ok(_) => drop(to.shutdown(Shutdown::Write)),
+        Err(_) => close_both(from, to),
     }
-    match result {
-        Ok(()) => {
-            // The peer may already be gone; its own direction reports that.
-            let _ = to.shutdown(Shutdown::Write);
-            (count, None)
-        }
-        Err(e) => {
-            close_both(from, to);
-            (count, Some(e))
-        }
-    }
-}
-
-/// `io::copy` through its 8 KiB stack buffer. Kept out of line: a frame that
-/// holds the buffer is probed page by page on entry, and the splice path, which
-/// never needs it, would pay those pages of stack in every relay thread.
-#[inline(never)]
-fn copy_in_user_space(from: &TcpStream, to: &TcpStream) -> (u64, io::Result<()>) {
-    let mut counter = Counting {
-        inner: from,
-        count: 0,
-    };
-    let result = io::copy(&mut counter, &mut &*to).map(|_| ());
-    (counter.count, result)
-}
-
-/// The zero-copy path: safe wrappers of `pipe2(2)` and `splice(2)` from nix.
-#[cfg(target_os = "linux")]
-mod splice {
-    use std::io;
-    use std::net::TcpStream;
-
-    use nix::errno::Errno;
-    use nix::fcntl::{SpliceFFlags, splice};
-
-    use std::time::Duration;
-
-    use super::{PIPE_IDLE, SPLICE_CHUNK};
-
-    /// The kernel will not splice here: copy through user space instead.
-    #[derive(Debug)]
-    pub struct Refused;
-
-    impl Refused {
-        /// Is `e` this refusal?
-        pub fn is(e: &io::Error) -> bool {
-            e.get_ref().is_some_and(|inner| inner.is::<RefusedError>())
-        }
-    }
-
-    #[derive(Debug)]
-    struct RefusedError;
-    impl std::fmt::Display for RefusedError {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("splice refused")
-        }
-    }
-    impl std::error::Error for RefusedError {}
-
-    impl From<Refused> for io::Error {
-        fn from(_: Refused) -> io::Error {
-            io::Error::other(RefusedError)
-        }
-    }
-
-    /// Moves everything from `from` to `to` until EOF, counting into `count`.
-    /// A refusal (`Refused`) always leaves the pipe empty, so the caller may go
-    /// on in user space from where this stopped.
-    pub fn copy(from: &TcpStream, to: &TcpStream, count: &mut u64) -> io::Result<()> {
-        // The pipe is made at the direction's first octet and given back after
-        // `PIPE_IDLE` of quiet: an idle pair holds its two sockets and no pipe.
-        let mut pipe = None;
-        let mut last = 0;
-        loop {
-            // A short read emptied the socket: wait here, where the wait can end.
-            if last < SPLICE_CHUNK && pipe.is_some() && !wait_readable(from, Some(PIPE_IDLE))? {
-                pipe = None;
-            }
-            let (pipe_r, pipe_w) = match &pipe {
-                Some(p) => p,
-                None => {
-                    wait_readable(from, None)?;
-                    let fresh = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                        .map_err(|_| io::Error::from(Refused))?;
-                    pipe.insert(fresh)
-                }
-            };
-            let n = match splice(
-                from,
-                None,
-                pipe_w,
-                None,
-                SPLICE_CHUNK,
-                SpliceFFlags::SPLICE_F_MOVE,
-            ) {
-                // Nothing spliced: an EOF, or a TCP urgent mark that splice
-                // will not pass (a peek says which); a read loop passes it.
-                Ok(0) if from.peek(&mut [0u8; 1])? == 0 => return Ok(()),
-                Ok(0) => return Err(Refused.into()),
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EINVAL | Errno::ENOSYS) => return Err(Refused.into()),
-                Err(e) => return Err(e.into()),
-            };
-            let mut left = n;
-            while left > 0 {
-                match splice(pipe_r, None, to, None, left, SpliceFFlags::SPLICE_F_MOVE) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(m) => left -= m,
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            *count += n as u64;
-            last = n;
-        }
-    }
-
-    /// Waits until `from` has an octet, an EOF or an error to report (true), or
-    /// until `limit` passes (false).
-    fn wait_readable(from: &TcpStream, limit: Option<Duration>) -> io::Result<bool> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        let timeout = match limit {
-            None => PollTimeout::NONE,
-            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
-        };
-        let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
-        loop {
-            match poll(&mut fds, timeout) {
-                Ok(n) => return Ok(n > 0),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-/// Elsewhere than Linux, splice is always refused: `io::copy` it is.
-#[cfg(not(target_os = "linux"))]
-mod splice {
-    use std::io;
-    use std::net::TcpStream;
-
-    /// The kernel will not splice here.
-    #[derive(Debug)]
-    pub struct Refused;
-    impl Refused {
-        pub fn is(e: &io::Error) -> bool {
-            e.kind() == io::ErrorKind::Unsupported
-        }
-    }
-    impl From<Refused> for io::Error {
-        fn from(_: Refused) -> io::Error {
-            io::ErrorKind::Unsupported.into()
-        }
-    }
-    pub fn copy(_: &TcpStream, _: &TcpStream, _: &mut u64) -> io::Result<()> {
-        Err(Refused.into())
-    }
+    copied
 }
 
 fn close_both(a: &TcpStream, b: &TcpStream) {
     let _ = a.shutdown(Shutdown::Both);
     let _ = b.shutdown(Shutdown::Both);
-}
-
-/// A reader that counts what it reads (so a failed copy still reports octets).
-struct Counting<'a> {
-    inner: &'a TcpStream,
-    count: u64,
-}
-
-impl io::Read for Counting<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (&mut &*self.inner).read(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]
@@ -714,7 +538,8 @@ mod tests {
         assert_eq!(moved, Moved { up: 7, down: 23 });
     }
 
-    /// On Linux the splice path itself moves the octets (no silent fallback).
+    /// On Linux the splice path itself moves the octets through a pipe (no
+    /// silent fallback to the buffer).
     #[cfg(target_os = "linux")]
     #[test]
     fn splice_is_used_on_linux() {
@@ -722,9 +547,13 @@ mod tests {
         let (b_relay, mut b) = connected();
         a.write_all(b"zero copy").unwrap();
         a.shutdown(Shutdown::Write).unwrap();
-        let mut n = 0;
-        splice::copy(&a_relay, &b_relay, &mut n).unwrap();
-        assert_eq!(n, 9);
+        a_relay.peek(&mut [0u8; 1]).unwrap();
+        let mut way = Way::new(Copier::Splice);
+        way.ready = true;
+        way.advance(&a_relay, &b_relay).unwrap();
+        assert_eq!(way.count, 9);
+        assert!(matches!(way.held, Held::Pipe(..)), "moved through a pipe");
+        assert_eq!(way.copier, Copier::Splice);
         drop(b_relay);
         let mut got = [0u8; 9];
         b.read_exact(&mut got).unwrap();
@@ -831,18 +660,14 @@ mod tests {
     /// The same through the blocking `one_way` (the agent's `--eager` side).
     #[test]
     fn urgent_data_passes_one_way() {
-        for copier in [Copier::Splice, Copier::Copy] {
-            let (a, a_relay) = connected();
-            let (b_relay, b) = connected();
-            let t = thread::spawn(move || one_way(&a_relay, &b_relay, copier));
-            let mut a = a;
-            send_with_urgent(&mut a);
-            a.shutdown(Shutdown::Write).unwrap();
-            assert_eq!(read_all(b), b"hello world", "{copier:?}");
-            let (count, err) = t.join().unwrap();
-            assert_eq!(count, 11, "{copier:?}");
-            assert!(err.is_none(), "{copier:?}: {err:?}");
-        }
+        let (a, a_relay) = connected();
+        let (b_relay, b) = connected();
+        let t = thread::spawn(move || one_way(&a_relay, &b_relay));
+        let mut a = a;
+        send_with_urgent(&mut a);
+        a.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_all(b), b"hello world");
+        assert_eq!(t.join().unwrap().unwrap(), 11);
     }
 
     /// `run_with`: a hook waits for the first octets toward its side (or its

@@ -1,115 +1,114 @@
-//! Rendezvous (PROTOCOL.md section 2): one port per label, opened when a mobile
-//! client is first sent to it, given out in every 307 while open, and closed after
+//! Rendezvous (docs/PROTOCOL.md section 2): a request for `LABEL.servers_domain`
+//! is answered 307 to the label's rendezvous port, opened when a mobile client is
+//! first sent there, given out in every 307 while open, and closed after
 //! `rendezvous_idle` with no waiting responder and no new connection. A label
 //! with a fixed port (`LABEL:PORT`) listens there from its first registration
-//! until the relay stops. Each
-//! connection accepted there is paired with the oldest live waiting responder
-//! (waiting up to `pair_wait`) and relayed.
+//! until the relay stops. Each connection accepted there is paired once it has
+//! something to relay: at accept with the oldest responder that already spoke,
+//! else with the oldest at its first octet (within `first_octet_timeout`; a
+//! responder is awaited up to `pair_wait`), and relayed.
 //!
 //! Invariants: at most one open port per label (the label's lock is held while
 //! opening); a thread in accept never waits on a peer: the one that accepts a
-//! connection starts the port's next accepting thread before it first waits
-//! on one (or once the mobile's first octets are passed on), or goes on
-//! accepting itself; a connection beyond `max_pairs` is closed at once.
+//! connection pairs it itself and starts the port's next accepting thread
+//! before it first waits on a peer (or once the mobile's first octets are
+//! passed on), or goes on accepting itself; a connection beyond `max_pairs` is
+//! closed at once; a mobile connection takes a responder only once it has
+//! something to relay.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::Result;
-use crate::pool::{self, Label, Pairing};
+use crate::error::{Error, Result};
+use crate::http::{Head, Response};
+use crate::limits::Limit;
+use crate::logging::loggable_target;
+use crate::pool::{self, Label, OpenPort, Pairing};
 use crate::relay;
-use crate::server::{PairPermit, Shared, spawn, wake};
+use crate::state::{PairPermit, Shared};
+use crate::sys::{
+    PAIR_STACK, PeerState, is_alive, listen, lock, now_millis, peer_state, set_keepalive, spawn,
+};
 
-/// Stack of a rendezvous thread: accepts, then pairs, logs and relays the
-/// connection it accepted (`relay::run`,
-/// whose buffers, when used, are on the heap). Kept under a quarter of
-/// `CONN_STACK`: glibc hands a new thread a cached stack up to four times the
-/// size asked, and a stack that served a TLS handshake keeps its touched pages.
-pub const PAIR_STACK: usize = 48 * 1024;
-
-/// An open rendezvous port.
-pub struct Rendezvous {
-    /// The port given out in 307s.
-    pub port: u16,
-    /// The bound address (to wake the accept loop when closing).
-    addr: SocketAddr,
-    /// Last 307 or accepted connection.
-    last_used: Mutex<Instant>,
-    /// Set when closing; the accept loop ends at its next wake-up.
-    closed: AtomicBool,
-}
-
-impl Rendezvous {
-    /// Marks the port as used now.
-    pub fn touch(&self) {
-        *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+/// The answer to a request for `LABEL.servers_domain`: a 307 to the label's
+/// rendezvous port, or 503 when no responder waits and none arrived or was
+/// paired within `pair_wait` (a label whose hidden server is refilling its pool
+/// after a pairing gets the 307; the connection then waits up to `pair_wait`).
+pub fn redirect(
+    shared: &Arc<Shared>,
+    name: String,
+    head: &Head,
+    peer: SocketAddr,
+) -> Result<Response> {
+    let label = shared
+        .labels
+        .get(&name)
+        .ok_or_else(|| Error::NoResponder(name.clone()))?;
+    if label.prune() == 0 && !label.active_within(shared.config.pair_wait) {
+        return Err(Error::NoResponder(name));
     }
-
-    /// Time since last use.
-    pub fn idle_for(&self) -> Duration {
-        self.last_used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-    }
-
-    /// Stops the accept loop (the listener is dropped there).
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        wake(self.addr);
-    }
+    let port = port_for(shared, &label)?;
+    let target = if head.target.starts_with('/') {
+        head.target.as_str()
+    } else {
+        "/"
+    };
+    label.remember_redirect(peer.ip(), target);
+    let mut r = Response::text(307, "");
+    r.headers.push((
+        "Location",
+        shared.config.rendezvous_url(&label.name, port, target),
+    ));
+    r.note = format!("rendezvous {port}");
+    Ok(r)
 }
 
 /// The label's rendezvous port, opened if needed, and marked used: its fixed
 /// port when it has one (`LABEL:PORT`), else a free port of `port_range`.
 pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
-    let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+    let mut slot = lock(&label.rendezvous);
     let fixed = label.fixed_port();
-    if let Some(rv) = slot.as_ref() {
-        if fixed.is_none_or(|port| port == rv.port) {
-            rv.touch();
-            return Ok(rv.port);
+    if let Some(open) = slot.as_ref() {
+        if fixed.is_none_or(|port| port == open.port) {
+            open.touch();
+            return Ok(open.port);
         }
         // The account now gives the label another fixed port.
         log::info!(
             "rendezvous {} closed for {}: fixed port changed",
-            rv.port,
+            open.port,
             label.name
         );
-        rv.close();
+        open.close();
         *slot = None;
     }
     let listener = match fixed {
-        Some(port) => crate::server::listen(SocketAddr::new(shared.config.bind_host, port))
-            .map_err(|err| crate::Error::FixedPortUnavailable {
+        Some(port) => listen(SocketAddr::new(shared.config.bind_host, port)).map_err(|err| {
+            Error::FixedPortUnavailable {
                 label: label.name.clone(),
                 port,
                 err,
-            })?,
+            }
+        })?,
         None => shared.bind_free_port()?,
     };
     let addr = listener
         .local_addr()
-        .map_err(|e| crate::Error::io("rendezvous bind", e))?;
-    let rv = Arc::new(Rendezvous {
-        port: addr.port(),
-        addr,
-        last_used: Mutex::new(Instant::now()),
-        closed: AtomicBool::new(false),
-    });
+        .map_err(|e| Error::io("rendezvous bind", e))?;
+    let open = Arc::new(OpenPort::new(addr));
     let port = Port {
         shared: shared.clone(),
         label: label.clone(),
-        rv: rv.clone(),
+        open: open.clone(),
         listener: Arc::new(listener),
     };
-    spawn("rendezvous", PAIR_STACK, move || accept_loop(port))?;
-    log::info!("rendezvous {} open for {}", rv.port, label.name);
+    spawn("rendezvous", PAIR_STACK, move || accept_loop(port))
+        .map_err(|e| Error::io("spawn thread", e))?;
+    log::info!("rendezvous {} open for {}", open.port, label.name);
     shared.metrics.rendezvous_open(1);
-    *slot = Some(rv.clone());
-    Ok(rv.port)
+    *slot = Some(open.clone());
+    Ok(open.port)
 }
 
 /// Closes the rendezvous ports of labels idle longer than `rendezvous_idle` with
@@ -120,17 +119,27 @@ pub fn close_idle(shared: &Shared) {
         if label.fixed_port().is_some() {
             continue;
         }
-        let mut slot = label.rendezvous.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&label.rendezvous);
         let idle = slot
             .as_ref()
-            .is_some_and(|rv| rv.idle_for() >= shared.config.rendezvous_idle);
+            .is_some_and(|open| open.idle_for() >= shared.config.rendezvous_idle);
         if idle
             && label.waiting() == 0
-            && let Some(rv) = slot.take()
+            && let Some(open) = slot.take()
         {
-            log::info!("rendezvous {} closed for {}: idle", rv.port, label.name);
-            rv.close();
+            log::info!("rendezvous {} closed for {}: idle", open.port, label.name);
+            open.close();
         }
+    }
+}
+
+/// Closes every rendezvous port and every waiting responder (shutdown).
+pub fn close_all(shared: &Shared) {
+    for label in shared.labels.all() {
+        if let Some(open) = lock(&label.rendezvous).take() {
+            open.close();
+        }
+        label.clear();
     }
 }
 
@@ -139,7 +148,7 @@ pub fn close_idle(shared: &Shared) {
 struct Port {
     shared: Arc<Shared>,
     label: Arc<Label>,
-    rv: Arc<Rendezvous>,
+    open: Arc<OpenPort>,
     listener: Arc<TcpListener>,
 }
 
@@ -149,31 +158,28 @@ struct Port {
 /// waits on a peer: so those octets wait for no thread start, and the port is
 /// without a thread in accept only for that while. A thread that never
 /// started its successor (the mobile left or was refused, or no thread could
-/// be had: that pair is closed) goes on accepting itself.
+/// be had: that connection is closed) goes on accepting itself.
 fn accept_loop(mut port: Port) {
     loop {
         let accepted = port.listener.accept();
-        if port.rv.closed.load(Ordering::SeqCst) || port.shared.stopping() {
+        if port.open.is_closed() || port.shared.stopping() {
             break;
         }
         let (mobile, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                port.shared
-                    .refusals
-                    .note("accept on rendezvous port", &e.to_string());
+                let what = format!("rendezvous {}: {e}", port.open.port);
+                port.shared.refuse(Limit::Accept, &what);
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
-        port.rv.touch();
+        port.open.touch();
         let permit = match port.shared.acquire_pair(peer.ip()) {
             Ok(permit) => permit,
             Err(limit) => {
-                port.shared
-                    .refusals
-                    .note(limit, &format!("{} from {peer}", port.label.name));
-                port.shared.metrics.refused(limit);
+                let what = format!("{} from {peer}", port.label.name);
+                port.shared.refuse(limit, &what);
                 continue;
             }
         };
@@ -199,12 +205,10 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
     };
     let theirs = port.clone();
     match spawn("rendezvous", PAIR_STACK, move || accept_loop(theirs)) {
-        Ok(()) => Ok(()),
+        Ok(_) => Ok(()),
         Err(e) => {
             *next = Some(port);
-            Err(std::io::Error::other(format!(
-                "no thread to accept on: {e}"
-            )))
+            Err(e)
         }
     }
 }
@@ -215,8 +219,8 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
 /// first octet arrives. A connection silent for `first_octet_timeout` is
 /// closed without having taken a responder. `go_on` starts the port's next
 /// accepting thread: called before anything here waits on a peer, else by the
-/// relay once the first octets have been passed on; when it fails, the
-/// connection is closed.
+/// relay once the mobile's first octets have been passed on; when it fails,
+/// the connection is closed.
 fn pair(
     shared: &Shared,
     label: &Label,
@@ -225,7 +229,9 @@ fn pair(
     permit: PairPermit,
     go_on: &mut dyn FnMut() -> std::io::Result<()>,
 ) {
-    let no_thread = |e: std::io::Error| log::error!("{}: {peer} closed: {e}", label.name);
+    let no_thread = |e: std::io::Error| {
+        shared.refuse(Limit::Threads, &format!("{} from {peer}: {e}", label.name));
+    };
     let (responder, ready) = match label.take_speaking() {
         Some(r) => (
             r,
@@ -236,27 +242,27 @@ fn pair(
         ),
         None => {
             let limit = shared.config.first_octet_timeout;
-            let arrived = match pool::peer_state(&mobile) {
-                pool::PeerState::Speaking => FirstOctet::Arrived,
-                pool::PeerState::Gone => FirstOctet::Gone,
-                pool::PeerState::Quiet => match go_on() {
-                    Ok(()) => first_octet(&mobile, limit),
-                    Err(e) => return no_thread(e),
-                },
-            };
-            match arrived {
-                FirstOctet::Arrived => {}
-                FirstOctet::Gone => {
+            let mut state = peer_state(&mobile, Duration::ZERO);
+            if state == PeerState::Quiet {
+                if let Err(e) = go_on() {
+                    return no_thread(e);
+                }
+                state = peer_state(&mobile, limit);
+            }
+            match state {
+                PeerState::Speaking => {}
+                PeerState::Gone => {
                     log::info!("{}: {peer} left without sending anything", label.name);
                     return;
                 }
-                FirstOctet::TimedOut => {
+                PeerState::Quiet => {
                     log::info!(
-                        "{}: {peer} sent nothing within first_octet_timeout ({} s); closed",
+                        "{}: {peer} sent nothing within {} ({} s); closed",
                         label.name,
+                        Limit::FirstOctetTimeout,
                         limit.as_secs_f64()
                     );
-                    shared.metrics.refused("first_octet_timeout");
+                    shared.metrics.refused(Limit::FirstOctetTimeout);
                     return;
                 }
             }
@@ -269,11 +275,12 @@ fn pair(
             };
             let Some(r) = taken else {
                 log::warn!(
-                    "{}: no responder for {peer} within pair_wait ({} s); closed",
+                    "{}: no responder for {peer} within {} ({} s); closed",
                     label.name,
+                    Limit::PairWait,
                     shared.config.pair_wait.as_secs_f64()
                 );
-                shared.metrics.refused("pair_wait");
+                shared.metrics.refused(Limit::PairWait);
                 return;
             };
             (
@@ -285,7 +292,7 @@ fn pair(
             )
         }
     };
-    if !pool::is_alive(&mobile) {
+    if !is_alive(&mobile) {
         // The mobile client left while waiting: the responder is not spent.
         log::info!("{}: {peer} left before pairing; responder kept", label.name);
         label.push(responder);
@@ -294,20 +301,20 @@ fn pair(
     let hidden = responder.stream;
     // The responder has both since its plug accepted it.
     let _ = mobile.set_nodelay(true);
-    let _ = pool::set_keepalive(&mobile);
+    let _ = set_keepalive(&mobile);
     let (mobile, hidden) = (Arc::new(mobile), Arc::new(hidden));
     permit.attach(&mobile, &hidden);
     let record = Pairing {
         responder: pool::ip_port(responder.peer),
         initiator: pool::ip_port(peer),
         pathname: label.redirect_path(peer.ip()),
-        timestamp: pool::now_millis(),
+        timestamp: now_millis(),
     };
     log::info!(
         "pair {}: mobile {peer} <-> hidden {} path {:?}",
         label.name,
         responder.peer,
-        crate::server::loggable_target(&record.pathname)
+        loggable_target(&record.pathname)
     );
     label.record(record);
     shared.metrics.pair_opened();
@@ -325,6 +332,8 @@ fn pair(
         ready,
         next_thread,
     );
+    // The pair leaves the table (pairs active) before it counts as closed.
+    drop(permit);
     shared.metrics.pair_closed(moved.up, moved.down);
     if err
         .as_ref()
@@ -341,38 +350,4 @@ fn pair(
         moved.down,
         started.elapsed().as_secs_f64()
     );
-}
-
-/// How the wait for a mobile's first octet ended.
-enum FirstOctet {
-    /// An octet is there (not consumed).
-    Arrived,
-    /// The mobile closed or reset.
-    Gone,
-    /// Nothing within the limit.
-    TimedOut,
-}
-
-/// Waits up to `limit` for `mobile`'s first octet, without consuming it.
-fn first_octet(mobile: &TcpStream, limit: Duration) -> FirstOctet {
-    if mobile.set_read_timeout(Some(limit)).is_err() {
-        return FirstOctet::Gone;
-    }
-    let got = match mobile.peek(&mut [0u8; 1]) {
-        Ok(0) => FirstOctet::Gone,
-        Ok(_) => FirstOctet::Arrived,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            FirstOctet::TimedOut
-        }
-        Err(_) => FirstOctet::Gone,
-    };
-    match mobile.set_read_timeout(None) {
-        Ok(()) => got,
-        Err(_) => FirstOctet::Gone,
-    }
 }

@@ -2,17 +2,17 @@
 //! HTTP, `GET /metrics` (Prometheus text), `GET /status` (JSON), `GET /ready`.
 //!
 //! Invariants: it shares nothing with the well-known port but the counters; at most
-//! `MAX_STATUS_CONNS` requests are served at once, each under `STATUS_TIMEOUT`.
+//! `MAX_STATUS_CONNS` requests are served at once, each in its own thread, its
+//! head under `STATUS_HEAD_TIMEOUT` and its answer under `STATUS_TIMEOUT`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::http::{self, DeadlineStream, Response};
-use crate::server::{SMALL_STACK, Shared, spawn, wake};
+use crate::http::{self, DeadlineStream, Response, Serving};
+use crate::state::Shared;
+use crate::sys::SMALL_STACK;
 
 /// Requests served at once, each in its own thread; more are closed (a
 /// scraper needs one; a few idle connections must not shut it out).
@@ -22,72 +22,24 @@ pub const STATUS_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deadline for writing the answer.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A running status listener; dropping it stops it.
-pub struct StatusServer {
-    /// Where it listens.
-    addr: SocketAddr,
-    /// Set to stop the accept loop.
-    stop: Arc<AtomicBool>,
-}
-
-impl StatusServer {
-    /// Binds `addr` and serves the relay's `shared` state.
-    pub fn bind(addr: SocketAddr, shared: Arc<Shared>) -> Result<StatusServer> {
-        let listener = crate::server::listen(addr)
-            .map_err(|e| Error::Usage(format!("cannot listen on status_listen {addr}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("status bind", e))?;
-        if !addr.ip().is_loopback() {
-            log::warn!(
-                "status listener on {addr} is not loopback: anyone who reaches it sees the metrics"
-            );
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        spawn("status", SMALL_STACK, move || {
-            accept_loop(&listener, &shared, &s)
-        })?;
-        log::info!("status on http://{addr}/metrics, /status, /ready");
-        Ok(StatusServer { addr, stop })
+/// Binds `addr` and serves the relay's `shared` state there until dropped.
+pub fn bind(addr: SocketAddr, shared: Arc<Shared>) -> Result<Serving> {
+    let (listener, addr) = http::bind("status_listen", addr)?;
+    if !addr.ip().is_loopback() {
+        log::warn!(
+            "status listener on {addr} is not loopback: anyone who reaches it sees the metrics"
+        );
     }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for StatusServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        wake(self.addr);
-    }
-}
-
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) {
-    let busy = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = conn else {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        };
-        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_STATUS_CONNS {
-            busy.fetch_sub(1, Ordering::SeqCst);
-            continue;
-        }
-        let (s, b) = (shared.clone(), busy.clone());
-        let spawned = spawn("status-conn", SMALL_STACK, move || {
-            serve(&s, stream);
-            b.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            busy.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    let serve = move |stream, _| serve(&shared, stream);
+    let serving = Serving::start(
+        listener,
+        addr,
+        MAX_STATUS_CONNS,
+        ("status-conn", SMALL_STACK),
+        serve,
+    )?;
+    log::info!("status on http://{addr}/metrics, /status, /ready");
+    Ok(serving)
 }
 
 fn serve(shared: &Shared, stream: TcpStream) {
@@ -100,17 +52,13 @@ fn serve(shared: &Shared, stream: TcpStream) {
     let response = match head {
         Ok(head) if head.method != "GET" => Response::from_error(&Error::MethodNotAllowed("GET")),
         Ok(head) => match head.path() {
-            "/metrics" => {
-                let mut r = Response::text(200, "");
-                r.body = shared.metrics.render(&waiting(shared)).into_bytes();
-                r.content_type = "text/plain; version=0.0.4";
-                r
-            }
+            "/metrics" => Response::with_body(
+                200,
+                "text/plain; version=0.0.4",
+                shared.metrics_text().into_bytes(),
+            ),
             "/status" => {
-                let mut r = Response::text(200, "");
-                r.body = status_json(shared).into_bytes();
-                r.content_type = "application/json";
-                r
+                Response::with_body(200, "application/json", status_json(shared).into_bytes())
             }
             "/ready" => match shared.store.ping() {
                 Ok(()) if !shared.stopping() => Response::text(200, "ready"),
@@ -124,32 +72,22 @@ fn serve(shared: &Shared, stream: TcpStream) {
     let _ = response.write_to(&mut io);
 }
 
-/// Responders waiting per label, by label name.
-fn waiting(shared: &Shared) -> Vec<(String, usize)> {
-    let mut v: Vec<(String, usize)> = shared
-        .labels
-        .all()
-        .iter()
-        .map(|l| (l.name.clone(), l.waiting()))
-        .collect();
-    v.sort();
-    v
-}
-
 fn status_json(shared: &Shared) -> String {
     let c = &shared.config;
-    let labels: Vec<serde_json::Value> = waiting(shared)
-        .into_iter()
-        .map(|(name, n)| serde_json::json!({ "label": name, "waiting": n }))
+    let snap = shared.snapshot();
+    let labels: Vec<serde_json::Value> = snap
+        .labels
+        .iter()
+        .map(|l| serde_json::json!({ "label": l.name, "waiting": l.waiting }))
         .collect();
     serde_json::json!({
         "version": crate::version(),
-        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "uptime_seconds": snap.uptime_seconds,
         "labels": labels,
         // The same figure as /metrics' taas_pairs_active: pairs relaying now.
-        "pairs_active": shared.metrics.pairs_active(),
+        "pairs_active": snap.pairs_active,
         // Pair slots held, mobiles waiting for their first octet included.
-        "pair_slots": shared.pairs.count(),
+        "pair_slots": snap.pair_slots,
         "limits": {
             "max_connections": c.max_connections,
             "max_connections_per_ip": c.max_connections_per_ip,

@@ -1,4 +1,4 @@
-//! Accounts (PROTOCOL.md section 5) behind one enum over two stores: an embedded
+//! Accounts (docs/PROTOCOL.md section 5) behind one enum over two stores: an embedded
 //! JSON file, or Redis in the original taas-server's layout (key = ID, value = the
 //! JSON record).
 //!
@@ -14,8 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,6 +24,10 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::label;
+use crate::sys::{
+    NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, unpoisoned,
+    write_private,
+};
 use crate::totp::{Algorithm, Totp};
 
 /// Redis connect, read and write timeout.
@@ -206,14 +209,6 @@ fn entry_name(entry: &str) -> &str {
     entry.split_once(':').map_or(entry, |(name, _)| name)
 }
 
-/// Fills `buf` from the operating system's random source.
-pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
-    use ring::rand::SecureRandom;
-    ring::rand::SystemRandom::new()
-        .fill(buf)
-        .map_err(|_| Error::Usage("the operating system gave no random bytes".into()))
-}
-
 /// A random (version 4) UUID, RFC 9562 section 5.4.
 pub fn new_uuid() -> Result<String> {
     let mut b = [0u8; 16];
@@ -356,6 +351,17 @@ fn check_write<'a>(
     if !new && !exists {
         return Err(Error::NoSuchAccount(account.uuid.clone()));
     }
+    let ports: Vec<u16> = account.fixed_ports().collect();
+    if let Some(port) = ports
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| ports[..i].contains(p).then_some(*p))
+    {
+        return Err(Error::PortTaken {
+            port,
+            owner: account.uuid.clone(),
+        });
+    }
     for other in others.filter(|a| a.uuid != account.uuid) {
         if let Some(l) = account.labels.iter().find(|l| other.owns(entry_name(l))) {
             return Err(Error::LabelTaken {
@@ -420,6 +426,9 @@ impl FileStore {
     fn modify(&self, change: impl FnOnce(&mut AccountMap) -> Result<()>) -> Result<()> {
         refuse_foreign_dir(self.dir())?;
         refuse_symlink(&self.path)?;
+        // Root replacing another user's store would leave it root's and 0600:
+        // unreadable for the relay.
+        refuse_foreign_dir(&self.path)?;
         let _lock = self.lock()?;
         let mut map = self.read()?;
         change(&mut map)?;
@@ -471,92 +480,6 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Creates `dir` (and parents) with mode 0700 when it does not exist.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::file(dir, "create directory", e))
-}
-
-use std::os::unix::fs::DirBuilderExt;
-
-/// `O_NOFOLLOW`: open fails on a symlink instead of following it.
-const NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
-
-/// Writes `bytes` to `path` with `mode` by way of a new file of unpredictable
-/// name beside it (`O_CREAT | O_EXCL | O_NOFOLLOW`), fsynced, then renamed over
-/// `path`: no symlink planted at either name is ever followed, and a reader
-/// sees the old file or the new one, never half. A symlink at `path` is refused.
-pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    refuse_symlink(path)?;
-    let mut r = [0u8; 8];
-    random_bytes(&mut r)?;
-    let name = path
-        .file_name()
-        .map_or_else(Default::default, |n| n.to_owned());
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(&name);
-    tmp_name.push(format!(".{:016x}.tmp", u64::from_le_bytes(r)));
-    let tmp = path.with_file_name(tmp_name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| Error::file(&tmp, "create", e))?;
-    let written = f
-        .set_permissions(fs::Permissions::from_mode(mode))
-        .and_then(|()| f.write_all(bytes))
-        .and_then(|()| f.sync_all())
-        .and_then(|()| fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::file(path, "write", e)
-    })
-}
-
-/// `Error::Symlink` when `path` is a symlink (a file taas writes must not be).
-pub fn refuse_symlink(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(Error::Symlink(path.to_path_buf())),
-        _ => Ok(()),
-    }
-}
-
-/// Run as root, refuses to write in a directory another user owns (the service
-/// user of the README's install): that user could plant a link there and make
-/// root overwrite or chown a file of its choosing. The message says to run the
-/// command as that user.
-pub fn refuse_foreign_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    // The nearest existing ancestor is where new files and directories go.
-    let mut at = dir;
-    loop {
-        match fs::symlink_metadata(at) {
-            Ok(m) if m.uid() != 0 => {
-                return Err(Error::ForeignOwner {
-                    dir: at.to_path_buf(),
-                    uid: m.uid(),
-                });
-            }
-            Ok(_) => return Ok(()),
-            Err(_) => match at.parent() {
-                Some(p) if !p.as_os_str().is_empty() => at = p,
-                _ => return Ok(()),
-            },
-        }
-    }
-}
-
 /// Accounts in Redis, one key per ID.
 pub struct RedisStore {
     /// The client (holds the parsed URL, password included: never printed).
@@ -601,13 +524,13 @@ impl RedisStore {
         let deadline = std::time::Instant::now() + STORE_DEADLINE;
         if self.waiters.fetch_add(1, Ordering::SeqCst) >= MAX_STORE_WAITERS {
             self.waiters.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::StoreBusy);
+            return Err(Error::StoreBusy(MAX_STORE_WAITERS));
         }
         let _waiter = Waiter(&self.waiters);
         let mut slot = loop {
             match self.conn.try_lock() {
                 Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::Poisoned(p)) => break unpoisoned(Err(p)),
                 Err(std::sync::TryLockError::WouldBlock) => {
                     if std::time::Instant::now() >= deadline {
                         return Err(Error::StoreUnavailable(format!(
@@ -734,11 +657,11 @@ impl RedisStore {
 
     /// The string value of `key`; `None` for no key or a key of another type.
     fn raw(&self, key: &str) -> Result<Option<String>> {
-        match self.with(|c| redis::cmd("GET").arg(key).query(c)) {
-            Ok(v) => Ok(v),
-            Err(Error::StoreUnavailable(why)) if why.contains("WRONGTYPE") => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.with(|c| match redis::cmd("GET").arg(key).query(c) {
+            // A key of another type (a list, a hash…): not an account.
+            Err(e) if e.code() == Some("WRONGTYPE") => Ok(None),
+            other => other,
+        })
     }
 
     fn list(&self) -> Result<Vec<Account>> {
@@ -811,6 +734,7 @@ fn parse_record(key: &str, text: &str) -> Option<Account> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// The original taas-server's record, as its users.js wrote it.
     pub const LEGACY: &str = r#"{"uuid":"3b4cdb26-6a2c-4b8b-93e4-d8c3c0a1c7a1","labels":["demo"],
@@ -873,6 +797,20 @@ mod tests {
             b"{ half",
             "another's file untouched"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_fixed_port_twice_in_an_account_is_refused() {
+        let dir = tempfile_dir("ports");
+        let store = Store::File(FileStore::new(&dir.join("accounts.json")));
+        let a = Account::new(None, &["a:8888".into(), "b:8888".into()]).unwrap();
+        assert!(matches!(
+            store.insert(&a),
+            Err(Error::PortTaken { port: 8888, .. })
+        ));
+        let b = Account::new(None, &["a:8888".into(), "b:8889".into()]).unwrap();
+        store.insert(&b).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// Shortest and longest code accepted (RFC 4226 section 5.3 asks for at least 6;
 /// 8 is the most that `otpauth://` clients generate).
 pub const DIGITS: std::ops::RangeInclusive<u32> = 6..=8;
-/// Steps accepted either side of now (PROTOCOL.md section 1: previous and next).
+/// Steps accepted either side of now (docs/PROTOCOL.md section 1: previous and next).
 pub const WINDOW: u64 = 1;
 
 /// The HMAC of a TOTP (RFC 6238 section 1.2).
@@ -65,17 +65,17 @@ impl Totp {
     /// Builds from a base32 secret (padding, spaces and case are forgiven).
     pub fn new(base32: &str, step: u64, digits: Option<u32>, algorithm: Algorithm) -> Result<Totp> {
         let secret =
-            decode_base32(base32).ok_or_else(|| Error::Usage("secret is not base32".into()))?;
+            decode_base32(base32).ok_or_else(|| Error::BadTotp("secret is not base32".into()))?;
         if secret.is_empty() {
-            return Err(Error::Usage("secret is empty".into()));
+            return Err(Error::BadTotp("secret is empty".into()));
         }
         if step == 0 {
-            return Err(Error::Usage("step must be at least 1 second".into()));
+            return Err(Error::BadTotp("step must be at least 1 second".into()));
         }
         if let Some(d) = digits
             && !DIGITS.contains(&d)
         {
-            return Err(Error::Usage(format!("digits must be 6 to 8, not {d}")));
+            return Err(Error::BadTotp(format!("digits must be 6 to 8, not {d}")));
         }
         Ok(Totp {
             secret,

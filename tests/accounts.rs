@@ -1,4 +1,4 @@
-//! The account store (PROTOCOL.md section 5), one suite run against both stores:
+//! The account store (docs/PROTOCOL.md section 5), one suite run against both stores:
 //! the JSON file in a temporary directory and a real `redis-server` on loopback.
 //! Then what only one of them has: Redis going away and coming back, and the file
 //! store shared between instances and between processes.

@@ -36,7 +36,7 @@ impl Page {
         let d = dir.path().display();
         let config = Config::from_toml(
             &format!(
-                "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+                "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
             ),
             "test",
         )
@@ -304,9 +304,10 @@ fn secret_and_provisioning_need_the_token() {
     assert_eq!(prov.id(), id);
     assert_eq!(prov.base32, base32);
     assert_eq!(prov.labels, ["demo"]);
+    // server.ca: the relay's CA, which signed the registrar's certificate.
     assert_eq!(
         prov.server.ca.as_deref(),
-        Some(std::fs::read_to_string(&p.config.cert).unwrap().as_str())
+        Some(std::fs::read_to_string(&p.config.ca_cert).unwrap().as_str())
     );
 
     let r = p.get_with_token(&format!("/api/accounts/{id}/provision.js"));
@@ -322,6 +323,100 @@ fn secret_and_provisioning_need_the_token() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("image/svg+xml"));
     assert_eq!(r.body, taas::admin::qr_svg(&prov.otpauth_uri()).unwrap());
+}
+
+/// The label certificate and key the page hands out: on creation, and again at
+/// `POST /api/accounts/ID/certificate` for every label of the account, each time
+/// with a new key, from the relay's CA; never without the token or from another
+/// site; never in the log.
+#[test]
+fn label_certificates_come_with_a_new_account_and_on_request() {
+    let p = Page::start();
+    let (status, v) = p.api("POST", "/api/accounts", Some(json!({ "label": "demo" })));
+    assert_eq!(status, 200, "{v}");
+    let id = v["account"]["id"].as_str().unwrap().to_string();
+    let cert = &v["certificate"];
+    assert_eq!(cert["names"], json!(["demo.taas.localhost"]));
+    let ca_pem = std::fs::read_to_string(&p.config.ca_cert).unwrap();
+    let check = |cert: &Value, name: &str| {
+        let pem = cert["cert"].as_str().unwrap();
+        let key = cert["key"].as_str().unwrap();
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+        // A hidden server serves them, and a mobile trusting the CA accepts it.
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, pem).unwrap();
+        std::fs::write(&k, key).unwrap();
+        let server = taas::tls::server_config(&c, &k).unwrap();
+        let client = taas::tls::client_config(Some(&ca_pem)).unwrap();
+        let mut sc = rustls::ServerConnection::new(server).unwrap();
+        let sni = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut cc = rustls::ClientConnection::new(client, sni).unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..10 {
+            buf.clear();
+            cc.write_tls(&mut buf).unwrap();
+            sc.read_tls(&mut &buf[..]).unwrap();
+            sc.process_new_packets().unwrap();
+            buf.clear();
+            sc.write_tls(&mut buf).unwrap();
+            cc.read_tls(&mut &buf[..]).unwrap();
+            cc.process_new_packets().unwrap();
+        }
+        assert!(!cc.is_handshaking(), "handshake did not finish");
+        key.to_string()
+    };
+    let first_key = check(cert, "demo.taas.localhost");
+
+    // Again, for every label the account has now.
+    let (status, _) = p.api(
+        "POST",
+        &format!("/api/accounts/{id}/labels"),
+        Some(json!({ "label": "cam:8888" })),
+    );
+    assert_eq!(status, 200);
+    let (status, v) = p.api("POST", &format!("/api/accounts/{id}/certificate"), None);
+    assert_eq!(status, 200, "{v}");
+    let cert = &v["certificate"];
+    assert_eq!(
+        cert["names"],
+        json!(["demo.taas.localhost", "cam.taas.localhost"])
+    );
+    assert_ne!(check(cert, "cam.taas.localhost"), first_key, "a new key");
+    let r = p.get_with_token(&format!("/api/accounts/{id}/certificate"));
+    assert_eq!(r.status, 405);
+
+    // Without the token, or from another site: refused.
+    let origin = format!("Origin: http://{}", p.addr());
+    let r = p.request(
+        "POST",
+        &format!("/api/accounts/{id}/certificate"),
+        &[&origin],
+        "",
+    );
+    assert_eq!(r.status, 403);
+    assert!(!r.body.contains("PRIVATE KEY"));
+    let token = format!("X-Taas-Token: {}", p.token);
+    let r = p.request(
+        "POST",
+        &format!("/api/accounts/{id}/certificate"),
+        &[&token, "Origin: http://evil.example"],
+        "",
+    );
+    assert_eq!(r.status, 403);
+    assert!(!r.body.contains("PRIVATE KEY"));
+
+    // A CA that is gone: the error names the file and says what to do.
+    std::fs::rename(&p.config.ca_cert, p.dir.path().join("ca.away")).unwrap();
+    let (status, v) = p.api("POST", &format!("/api/accounts/{id}/certificate"), None);
+    assert_eq!(status, 500);
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains("ca.crt") && e.contains("taas cert"), "{e}");
+    // And no account is made without its certificate.
+    let before = p.count();
+    let (status, _) = p.api("POST", "/api/accounts", Some(json!({ "label": "more" })));
+    assert_eq!(status, 500);
+    assert_eq!(p.count(), before);
 }
 
 #[test]

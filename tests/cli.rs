@@ -1,4 +1,4 @@
-//! The `taas` binary as operators and scripts use it (INTERFACE.md), each test in
+//! The `taas` binary as operators and scripts use it (docs/INTERFACE.md), each test in
 //! a fresh temporary directory: `users add|list|remove`, `token`, `cert`, and the
 //! rule that every failure is one line on stderr and a non-zero exit.
 mod support;
@@ -112,7 +112,7 @@ fn list(dir: &Path, config: &[&str]) -> Vec<(String, String)> {
 
 /// With no config at all, `users add` uses the built-in defaults: the file store
 /// and certificate under `taas-data/`, and a provisioning file with every field of
-/// PROTOCOL.md section 5.
+/// docs/PROTOCOL.md section 5.
 #[test]
 fn users_add_with_embedded_defaults_writes_complete_provisioning_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,7 +158,16 @@ fn users_add_with_embedded_defaults_writes_complete_provisioning_files() {
     assert_eq!(v["server"]["port"], 8443);
     let pem = std::fs::read_to_string(&crt).unwrap();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(v["server"]["ca"], pem.as_str());
+    // On a new installation the CA signed the registrar's certificate: the CA
+    // alone verifies it, and is what server.ca carries.
+    let ca = std::fs::read_to_string(data.join("ca.crt")).unwrap();
+    assert_eq!(mode(&data.join("ca.crt")), 0o444);
+    assert_eq!(mode(&data.join("ca.key")), 0o400);
+    assert_eq!(v["server"]["ca"], ca.as_str());
+    // And the label certificate with its key, beside ID.json.
+    for ext in ["crt", "key"] {
+        assert_eq!(mode(&json_path.with_extension(ext)), 0o600, "{ext}");
+    }
 
     // The legacy file holds the same object.
     assert_eq!(js_params(&js_path), v);
@@ -311,7 +320,7 @@ fn library_totp_agrees_with_oathtool() {
     ] {
         for digits in [6, 8] {
             let mut key = vec![0u8; len];
-            taas::store::random_bytes(&mut key).unwrap();
+            taas::sys::random_bytes(&mut key).unwrap();
             let secret = taas::totp::encode_base32(&key);
             let totp = Totp::new(&secret, 30, Some(digits), alg).unwrap();
             let before = oathtool(&secret, digits, name);
@@ -350,7 +359,7 @@ fn cert_modes_and_refuses_overwrite() {
     assert!(crt_pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
     assert!(key_pem.starts_with(b"-----BEGIN PRIVATE KEY-----"));
     // What was written is a usable server certificate.
-    assert!(taas::cert::server_config(&crt, &key).is_ok());
+    assert!(taas::tls::server_config(&crt, &key).is_ok());
 
     let line = one_line_error(taas(d, &["cert", "-c", &config]), "second cert");
     assert!(line.contains("exists"), "{line}");

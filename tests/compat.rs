@@ -416,7 +416,14 @@ fn steward_with_15_waiting_settles_and_mobiles_all_get_through() {
     assert_eq!(s.pairings() - before.1, 10, "steward: {}", s.summary());
     // One registration per pairing, and the pool refills to 15.
     wait_waiting(&relay, "demo", 15, &s);
-    assert_eq!(s.registrations() - before.0, 10, "steward: {}", s.summary());
+    // One a pairing (seen once under CI load: an eleventh still in flight when
+    // the pool read 15); a churning relay makes hundreds.
+    let again = s.registrations() - before.0;
+    assert!(
+        (10..=11).contains(&again),
+        "{again} registrations; steward: {}",
+        s.summary()
+    );
     assert!(s.errors().is_empty(), "steward: {}", s.summary());
 }
 

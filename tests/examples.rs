@@ -51,15 +51,5 @@ fn hidden_server_and_mobile_client_examples() {
         assert_eq!(body, "hello from a hidden server\n");
     }
     hidden.join().unwrap().unwrap();
-    assert_eq!(
-        relay
-            .server
-            .shared()
-            .labels
-            .get("demo")
-            .unwrap()
-            .pairings()
-            .len(),
-        2
-    );
+    assert_eq!(relay.server.snapshot().label("demo").unwrap().pairings, 2);
 }

@@ -355,13 +355,13 @@ fn a_hundred_pairings_leak_no_descriptor_or_thread() {
     let p = relay.add_account("demo");
     // The first pairing opens the rendezvous port and its thread: not a leak.
     pair_once(&relay, &p, 0);
-    let shared = relay.server.shared().clone();
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    let pairs = || relay.server.snapshot().pair_slots;
+    assert!(wait_until(LIMIT, || pairs() == 0));
     let (fds, threads) = steady_counts();
     for i in 0..100 {
         pair_once(&relay, &p, i);
     }
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert!(wait_until(LIMIT, || pairs() == 0));
     assert_counts_settle(fds, threads);
 }
 
@@ -437,9 +437,9 @@ fn silent_connections_at_a_rendezvous_port_do_not_shut_the_label_out() {
     let silent: Vec<TcpStream> = (0..12)
         .map(|_| support::connect_from(attacker, q).unwrap())
         .collect();
-    let shared = relay.server.shared().clone();
+    let pairs = || relay.server.snapshot().pair_slots;
     assert!(
-        wait_until(LIMIT, || shared.pairs.count() == 12),
+        wait_until(LIMIT, || pairs() == 12),
         "the relay holds the silent connections"
     );
     assert_eq!(relay.waiting("demo"), 3, "no responder taken by silence");
@@ -461,7 +461,7 @@ fn silent_connections_at_a_rendezvous_port_do_not_shut_the_label_out() {
     assert_eq!(relay.waiting("demo"), 0);
     drop(silent);
     drop(hidden);
-    assert!(wait_until(LIMIT, || shared.pairs.count() == 0));
+    assert!(wait_until(LIMIT, || pairs() == 0));
     assert_counts_settle(fds, threads);
 }
 
@@ -571,7 +571,7 @@ fn a_stalled_redis_leaves_mobiles_served_and_registrations_answered() {
         "registrations work again once Redis answers"
     );
     drop((mobile, hidden));
-    assert!(wait_until(LIMIT, || relay.server.shared().pairs.count() == 0));
+    assert!(wait_until(LIMIT, || relay.server.snapshot().pair_slots == 0));
     assert_counts_settle(fds, threads + 2);
 }
 
@@ -590,7 +590,7 @@ fn drips_cannot_hold_the_last_quarter_of_the_slots() {
         .collect();
     // Each is accepted (and counted) before the next, so the last two are the
     // crowded ones.
-    assert!(wait_until(LIMIT, || relay.server.shared().conns_open() == 6));
+    assert!(wait_until(LIMIT, || relay.server.snapshot().conns_open == 6));
     let start = Instant::now();
     let mut late: Vec<TcpStream> = (6..8)
         .map(|i| {
@@ -608,7 +608,12 @@ fn drips_cannot_hold_the_last_quarter_of_the_slots() {
         took >= Duration::from_secs(2) && took < Duration::from_secs(6),
         "crowded connections closed after {took:?} (head_timeout is 30 s)"
     );
-    assert_eq!(probe(&relay), 503, "a legitimate request is answered");
+    // The peer may see the close a moment before the relay frees the slot (a
+    // connection refused at the cap meanwhile is reset: try again, bounded).
+    assert!(
+        answers_503_soon(&relay, None),
+        "a legitimate request is answered"
+    );
     drop(early);
 }
 

@@ -33,9 +33,8 @@ fn an_idle_pair_holds_no_pipe_until_octets_flow() {
     // Accepted (it holds a pair slot) but silent: no responder, no pipe yet.
     assert!(wait_until(Duration::from_secs(10), || relay
         .server
-        .shared()
-        .pairs
-        .count()
+        .snapshot()
+        .pair_slots
         == 1));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(pipes(), base, "a silent connection holds no pipe");

@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use support::{Reply, TestRelay};
 use taas::Config;
 use taas::label::{self, Entry};
-use taas::server::{Route, route};
+use taas::route::{Route, route};
 
 /// Arbitrary text biased toward the characters the grammars care about.
 fn texty() -> impl Strategy<Value = String> {
@@ -132,7 +132,7 @@ fn the_accounts_api_answers_any_body() {
     let d = dir.path().display();
     let config = Config::from_toml(
         &format!(
-            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n"
+            "store = \"file:{d}/accounts.json\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n"
         ),
         "test",
     )

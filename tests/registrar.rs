@@ -1,4 +1,4 @@
-//! The registrar over real TLS (PROTOCOL.md sections 1 and 4): every row of the
+//! The registrar over real TLS (docs/PROTOCOL.md sections 1 and 4): every row of the
 //! answer tables, the throttle, the replay rule, Host matching, the pairings list,
 //! registration with real `curl` and `oathtool`, and the whole path on Redis.
 mod support;

@@ -1,4 +1,4 @@
-//! Rendezvous, plugs, pools and the relay over loopback (PROTOCOL.md sections 1
+//! Rendezvous, plugs, pools and the relay over loopback (docs/PROTOCOL.md sections 1
 //! to 3): the 307 and its refusals, the plug's one connection and same-IP rule,
 //! `plug_timeout`, eviction, dead responders, FIFO order, the rendezvous port's
 //! reuse and idle close, `pair_wait`, a byte-exact relay of 16 MiB each way at
@@ -75,7 +75,7 @@ fn refusals(relay: &TestRelay, limit: &str) -> u64 {
 
 /// Pairs the relay holds now.
 fn pairs(relay: &TestRelay) -> usize {
-    relay.server.shared().pairs.count()
+    relay.server.snapshot().pair_slots
 }
 
 /// A relay started with `config`, account `demo` with one responder waiting,
@@ -269,8 +269,12 @@ fn full_pool_refuses_before_a_plug_opens_and_evicts_nobody() {
     let refused = relay.register(&p, "demo");
     assert_eq!(refused.status, 503, "{refused:?}");
     assert_eq!(refused.header("retry-after"), Some("15"));
-    let label = relay.server.shared().labels.get("demo").unwrap();
-    assert_eq!(label.plugs_open(), 0, "no plug opened");
+    let snapshot = relay.server.snapshot();
+    assert_eq!(
+        snapshot.label("demo").unwrap().plugs_open,
+        0,
+        "no plug opened"
+    );
     assert_eq!(refusals(&relay, "max_waiting"), 1);
     assert_eq!(relay.waiting("demo"), 2);
     // The two are paired in order, then there is room again.
@@ -617,8 +621,12 @@ fn a_fixed_port_that_cannot_be_bound_is_a_clear_registration_error() {
         e.to_string()
             .contains(&format!("fixed port {port} of label cam"))
     );
-    let label = relay.server.shared().labels.get("cam").unwrap();
-    assert_eq!(label.plugs_open(), 0, "no plug opened");
+    let snapshot = relay.server.snapshot();
+    assert_eq!(
+        snapshot.label("cam").unwrap().plugs_open,
+        0,
+        "no plug opened"
+    );
     drop(taken);
     let mut hidden = relay.responder(&p, "cam");
     assert!(support::is_listening(port));

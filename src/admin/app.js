@@ -164,11 +164,11 @@ $("create-form").addEventListener("submit", async (ev) => {
     const id = $("new-id").value.trim();
     if (id) body.id = id;
     const res = await api("POST", "/api/accounts", body);
-    const { account } = await res.json();
+    const { account, certificate } = await res.json();
     $("create-form").reset();
     showError($("create-error"), null);
     await refresh();
-    await showProvision(account.id);
+    await showProvision(account.id, certificate);
   } catch (e) {
     showError($("create-error"), e);
   } finally {
@@ -188,7 +188,17 @@ function download(link, text, type, name) {
   link.textContent = `Download ${name}`;
 }
 
-async function showProvision(id) {
+// The label certificate and its key as ID.crt and ID.key downloads (CERT of
+// the API; null when the relay has no CA and runs without TLS).
+function showCertificate(id, certificate) {
+  $("cert-files").hidden = !certificate;
+  if (!certificate) return;
+  download($("dl-crt"), certificate.cert, "application/x-pem-file", `${id}.crt`);
+  download($("dl-key"), certificate.key, "application/x-pem-file", `${id}.key`);
+  $("cert-names").textContent = certificate.names.join(", ");
+}
+
+async function showProvision(id, certificate) {
   closeProvision();
   try {
     const base = accountPath(id);
@@ -202,7 +212,10 @@ async function showProvision(id) {
     download($("dl-js"), js, "text/javascript", `${id}.js`);
     $("prov-qr").src = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(svg);
     $("prov-file").textContent = json;
-    $("expose-cmd").textContent = `taas expose ${id}.json --to 127.0.0.1:PORT`;
+    showCertificate(id, certificate);
+    $("expose-cmd").textContent = certificate
+      ? `taas expose ${id}.json --to 127.0.0.1:PORT --tls`
+      : `taas expose ${id}.json --to 127.0.0.1:PORT`;
     $("provision").hidden = false;
     $("provision").scrollIntoView({ block: "nearest" });
   } catch (e) {
@@ -219,6 +232,9 @@ function closeProvision() {
   $("prov-file").hidden = true;
   $("show-file").textContent = "Show the file";
   $("prov-qr").removeAttribute("src");
+  $("cert-files").hidden = true;
+  $("cert-names").textContent = "";
+  showError($("cert-error"), null);
 }
 
 $("show-file").addEventListener("click", () => {
@@ -227,5 +243,22 @@ $("show-file").addEventListener("click", () => {
   $("show-file").textContent = pre.hidden ? "Show the file" : "Hide the file";
 });
 $("close-provision").addEventListener("click", closeProvision);
+// Each click makes a new key: the relay keeps none.
+$("issue-cert").addEventListener("click", async () => {
+  const id = $("prov-id").textContent;
+  const button = $("issue-cert");
+  button.disabled = true;
+  try {
+    const res = await api("POST", `${accountPath(id)}/certificate`);
+    const { certificate } = await res.json();
+    showCertificate(id, certificate);
+    $("expose-cmd").textContent = `taas expose ${id}.json --to 127.0.0.1:PORT --tls`;
+    showError($("cert-error"), null);
+  } catch (e) {
+    showError($("cert-error"), e);
+  } finally {
+    button.disabled = false;
+  }
+});
 
 refresh();

@@ -90,7 +90,8 @@ pub struct TestRelay {
     pub server: Server,
     /// Its well-known address.
     pub addr: SocketAddr,
-    /// The relay's certificate (PEM), when TLS is on.
+    /// What a client trusts for the relay, when TLS is on: its provisioning
+    /// files' `server.ca` (the relay's CA, which signed its certificate).
     pub cert_pem: Option<String>,
 }
 
@@ -114,7 +115,7 @@ impl TestRelay {
         let d = dir.path().display();
         let store = store.map_or_else(|| format!("file:{d}/accounts.json"), str::to_string);
         let text = format!(
-            "port = 0\nstore = \"{store}\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n{extra}\n"
+            "port = 0\nstore = \"{store}\"\ncert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\nca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n{extra}\n"
         );
         let config_path = dir.path().join("taas.toml");
         std::fs::write(&config_path, &text).unwrap();
@@ -122,7 +123,7 @@ impl TestRelay {
         let cert_pem = if config.tls {
             let (ok, _, err) = taas(dir.path(), &["cert", "-c", config_path.to_str().unwrap()]);
             assert!(ok, "taas cert: {err}");
-            Some(std::fs::read_to_string(&config.cert).unwrap())
+            taas::cert::server_ca(&config).unwrap()
         } else {
             None
         };
@@ -139,7 +140,7 @@ impl TestRelay {
 
     /// The relay's validated config.
     pub fn config(&self) -> &Config {
-        &self.server.shared().config
+        self.server.config()
     }
 
     /// `taas users add LABEL` against this relay's config; returns the file.
@@ -178,7 +179,7 @@ impl TestRelay {
         let mut text = Vec::new();
         match &self.cert_pem {
             Some(pem) => {
-                let cfg = taas::cert::client_config(Some(pem)).unwrap();
+                let cfg = taas::tls::client_config(Some(pem)).unwrap();
                 let name = sni.split(':').next().unwrap().to_string();
                 let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
                 let conn = rustls::ClientConnection::new(cfg, server_name).unwrap();
@@ -231,11 +232,7 @@ impl TestRelay {
 
     /// Responders waiting for `label` now.
     pub fn waiting(&self, label: &str) -> usize {
-        self.server
-            .shared()
-            .labels
-            .get(label)
-            .map_or(0, |l| l.waiting())
+        self.server.snapshot().label(label).map_or(0, |l| l.waiting)
     }
 
     /// `GET /` on LABEL's host: the 307's rendezvous address, or the reply.
@@ -421,7 +418,7 @@ pub fn socket_pair() -> (TcpStream, TcpStream) {
 
 /// The rustls client config trusting `pem` (for tests that speak TLS themselves).
 pub fn client_tls(pem: &str) -> Arc<rustls::ClientConfig> {
-    taas::cert::client_config(Some(pem)).unwrap()
+    taas::tls::client_config(Some(pem)).unwrap()
 }
 
 // Helpers for the registrar, rendezvous and hostile tests.
@@ -538,9 +535,7 @@ pub fn send(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) {
 pub fn metric(relay: &TestRelay, name: &str) -> u64 {
     relay
         .server
-        .shared()
-        .metrics
-        .render(&[])
+        .metrics()
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0)
@@ -612,4 +607,282 @@ pub fn taas_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, String,
             .env_remove("RUST_LOG"),
         limit,
     )
+}
+
+pub mod browser;
+
+/// A certificate authority made for one test (rcgen), standing in for the
+/// relay's CA: it signs label (and registrar) certificates that clients verify
+/// against `pem` alone.
+pub struct TestCa {
+    /// Its certificate, PEM.
+    pub pem: String,
+    /// Its name and key, to sign with.
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// Validity from the start of last year to the end of next year: certificates a
+/// browser accepts today, in whatever year the test runs.
+fn validity(params: &mut rcgen::CertificateParams) {
+    let year = 1970 + (taas::unix_time() / 31_556_952) as i32;
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 1, 12, 31);
+}
+
+impl TestCa {
+    /// A new CA key and self-signed CA certificate.
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut tag = [0u8; 4];
+        taas::sys::random_bytes(&mut tag).unwrap();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("taas test CA {}", data_encoding::HEXLOWER.encode(&tag)),
+        );
+        validity(&mut params);
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A server certificate for `names` signed by this CA, and its new key
+    /// (PEM: certificate, key).
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// `issue`, written to `cert` and `key` (the key 0600).
+    pub fn issue_to(&self, names: &[&str], cert: &Path, key: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let (c, k) = self.issue(names);
+        std::fs::write(cert, c).unwrap();
+        std::fs::write(key, k).unwrap();
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
+
+/// What `PlainApp`'s page says, for tests to look for.
+pub const APP_TEXT: &str = "hello from the hidden plain-HTTP app";
+
+/// A plain-HTTP app on a free loopback port (what people put behind NAT: a
+/// dashboard, a Raspberry Pi web UI). `start`: every request gets an HTML page
+/// with `APP_TEXT` and the path; `echo`: reads to the peer's EOF, answers
+/// `echo:` and what came, then closes. Counts connections; stops on drop.
+pub struct PlainApp {
+    /// Its port.
+    pub port: u16,
+    /// Connections accepted.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set to stop.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The accept loop.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PlainApp {
+    /// The page-serving app.
+    pub fn start() -> PlainApp {
+        Self::run(false)
+    }
+
+    /// The echo app.
+    pub fn echo() -> PlainApp {
+        Self::run(true)
+    }
+
+    fn run(echo: bool) -> PlainApp {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (s, n) = (stop.clone(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(tcp) = conn else { continue };
+                n.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = tcp.set_write_timeout(Some(Duration::from_secs(10)));
+                    if echo {
+                        echo_once(tcp);
+                    } else {
+                        page_once(tcp);
+                    }
+                });
+            }
+        });
+        PlainApp {
+            port,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections it accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads one request head (at most 8 KiB) and answers it with the page.
+fn page_once(mut tcp: TcpStream) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        if tcp.read(&mut b).unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let path: String = line
+        .split(' ')
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "/?=-_.".contains(*c))
+        .collect();
+    let body = format!(
+        "<!doctype html><title>hidden app</title><h1 id=greeting>{APP_TEXT}</h1><p id=path>{path}</p>\n"
+    );
+    let _ = write!(
+        tcp,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Reads to EOF (at most 1 MiB), answers `echo:` and what came, closes.
+fn echo_once(mut tcp: TcpStream) {
+    let mut got = Vec::new();
+    if (&mut tcp).take(1 << 20).read_to_end(&mut got).is_err() {
+        return;
+    }
+    let _ = tcp.write_all(b"echo:").and_then(|()| tcp.write_all(&got));
+}
+
+impl Drop for PlainApp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Its threads now (from /proc/PID/task).
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.0.id())).map_or(0, |d| d.count())
+    }
+
+    /// Sends it `sig` (e.g. "HUP").
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig}");
+    }
+
+    /// Has it exited?
+    pub fn exited(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `taas expose PROVISION --to 127.0.0.1:TO MORE…` with its log (stderr) in
+/// `log`.
+pub fn expose(provision: &Path, to: u16, more: &[&str], log: &Path) -> Proc {
+    Proc(
+        Command::new(taas_bin())
+            .arg("expose")
+            .arg(provision)
+            .args(["--to", &format!("127.0.0.1:{to}")])
+            .args(more)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A TLS client connection to `addr` for `sni`, trusting only `ca_pem`, with
+/// the handshake done (10 s limit); returns the stream and the certificate the
+/// server showed.
+pub fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &str,
+) -> std::io::Result<(
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    Vec<u8>,
+)> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = tls_stream(ca_pem, sni, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    let shown = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+        .unwrap_or_default();
+    Ok((tls, shown))
+}
+
+/// The DER of the first certificate in `pem`.
+pub fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .as_ref()
+        .to_vec()
 }

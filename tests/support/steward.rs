@@ -130,7 +130,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Steward {
     /// Starts registering.
     pub fn start(params: Params) -> Steward {
-        let tls = taas::cert::client_config(Some(&params.ca_pem)).unwrap();
+        let tls = taas::tls::client_config(Some(&params.ca_pem)).unwrap();
         let inner = Arc::new(Inner {
             params,
             tls,
