@@ -510,6 +510,7 @@ impl Relay {
             &config,
             format!(
                 "port = {port}\nstore = \"file:{d}/accounts.json\"\ncert = \"{d}/r.crt\"\nkey = \"{d}/r.key\"\n\
+                 ca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n\
                  max_waiting = 20000\nmax_pairs = 20000\nmax_pairs_per_ip = 20000\nfirst_octet_timeout = 600\nmax_connections = 4096\nmax_connections_per_ip = 4096\n\
                  pair_wait = 10\nsplice = {splice}\n"
             ),
@@ -558,7 +559,8 @@ impl Relay {
             child,
             addr,
             registrar: Registrar::from_provision(&p)?,
-            relay_ca: std::fs::read_to_string(dir.path().join("r.crt"))?,
+            // What clients trust: the relay's CA, which signed r.crt.
+            relay_ca: std::fs::read_to_string(dir.path().join("ca.crt"))?,
             q: addr,
             provision,
             dir,
