@@ -35,6 +35,17 @@ const RTTS: usize = 2000;
 const IDLE_PAIRS: usize = 1000;
 /// Most concurrent pairs tried.
 const MAX_PAIRS: usize = 10_000;
+/// Interleaved rounds of connect -> first echoed byte (direct, hidden side,
+/// through `taas expose`).
+const SETUP_ROUNDS: usize = 300;
+/// Quiet between two of those connections, as between a user's clicks.
+const SETUP_GAP: Duration = Duration::from_millis(5);
+/// Mobile flows timed with curl.
+const CURL_FLOWS: usize = 200;
+/// Registrations per block; blocks alternate resumed and full handshakes.
+const REGISTRATIONS: usize = 250;
+/// Blocks of each kind.
+const REGISTRATION_BLOCKS: usize = 4;
 
 fn main() -> Res<()> {
     raise_fd_limit();
@@ -189,6 +200,94 @@ fn main() -> Res<()> {
             &mut rows,
         );
     }
+    // Connection set-up, on a relay of its own (so that the memory rows above
+    // are not moved by it): a new connection's first echoed byte, direct and
+    // through the relay; the whole mobile flow with curl; registrations.
+    let relay = Relay::start(&bin, true)?;
+    let setup = relay.connect_to_byte(&bin)?;
+    let ms = |s: f64| s * 1e3;
+    put(
+        "direct connect -> first echoed byte",
+        ms(setup.direct.0),
+        "ms",
+        format!("p99 {:.3} ms; a local echo service", ms(setup.direct.1)),
+        &mut rows,
+    );
+    put(
+        "taas connect to Q -> first echoed byte",
+        ms(setup.hidden.0),
+        "ms",
+        format!(
+            "{:.2} of direct; p99 {:.3} ms; the hidden side echoes",
+            setup.hidden.0 / setup.direct.0,
+            ms(setup.hidden.1)
+        ),
+        &mut rows,
+    );
+    put(
+        "taas connect to Q -> first byte, via taas expose",
+        ms(setup.agent.0),
+        "ms",
+        format!(
+            "{:.2} of direct; p99 {:.3} ms; to that echo service",
+            setup.agent.0 / setup.direct.0,
+            ms(setup.agent.1)
+        ),
+        &mut rows,
+    );
+    match relay.curl_flows(&bin)? {
+        Some(curl) => {
+            put(
+                "curl: HTTPS GET straight to the hidden service",
+                ms(curl.direct),
+                "ms",
+                "one TLS handshake: curl's own cost".into(),
+                &mut rows,
+            );
+            put(
+                "curl: HTTPS GET -> 307 -> connect -> first byte",
+                ms(curl.total.0),
+                "ms",
+                format!(
+                    "p99 {:.3} ms; the 307 part {:.3} ms; {} flows",
+                    ms(curl.total.1),
+                    ms(curl.redirect),
+                    CURL_FLOWS
+                ),
+                &mut rows,
+            );
+            put(
+                "curl: HTTPS GET -> ... -> first byte, p99",
+                ms(curl.total.1),
+                "ms",
+                String::new(),
+                &mut rows,
+            );
+        }
+        None => eprintln!("curl not found: its rows are left out"),
+    }
+    let regs = relay.registrations()?;
+    for (what, note, (rate, cpu, mine)) in [
+        ("resumed", "one ClientConfig", regs.resumed),
+        ("full TLS", "a new ClientConfig each", regs.full),
+    ] {
+        put(
+            &format!("registrations per second, {what}"),
+            rate,
+            "reg/s",
+            format!("{note}; one after another, each with its plug"),
+            &mut rows,
+        );
+        put(
+            &format!("relay CPU per registration, {what}"),
+            cpu * 1e6,
+            "µs",
+            format!("registering side {:.0} µs", mine * 1e6),
+            &mut rows,
+        );
+    }
+    drop(relay);
+
     // Round trips again with the relay and the clients on one CPU, as on a
     // one-core VPS: on this VM a wake-up that crosses to the other core costs
     // tens of µs, which the direct baseline mostly avoids (its two threads
@@ -438,15 +537,9 @@ impl Relay {
             c,
         ])?;
         let provision = PathBuf::from(out.lines().next().ok_or("no provision")?);
-        run(&[
-            "users",
-            "add",
-            "agent",
-            "--out",
-            &format!("{d}/prov"),
-            "-c",
-            c,
-        ])?;
+        for user in ["agent", "web", "reg"] {
+            run(&["users", "add", user, "--out", &format!("{d}/prov"), "-c", c])?;
+        }
         let child = Command::new(bin)
             .args(["serve", "-c", c])
             .current_dir(dir.path())
@@ -583,26 +676,7 @@ impl Relay {
                 echo(s);
             }
         });
-        let agent_prov = std::fs::read_dir(self.provision.parent().ok_or("dir")?)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.extension().is_some_and(|x| x == "json")
-                    && Provision::load(p).is_ok_and(|v| v.labels == ["agent"])
-            })
-            .ok_or("no agent provision")?;
-        let mut agent = Command::new(bin)
-            .args([
-                "expose",
-                agent_prov.to_str().ok_or("path")?,
-                "--to",
-                &svc_addr.to_string(),
-                "--pool",
-                "8",
-            ])
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()?;
+        let mut agent = self.expose(bin, "agent", svc_addr)?;
         std::thread::sleep(Duration::from_secs(1));
         let me = Arc::new(self.rendezvous_client());
         let end = Instant::now() + Duration::from_secs(5);
@@ -624,6 +698,174 @@ impl Relay {
         let _ = agent.kill();
         let _ = agent.wait();
         Ok(total as f64 / 5.0)
+    }
+
+    /// The provisioning file of the user whose only label is `label`.
+    fn provision_of(&self, label: &str) -> Res<PathBuf> {
+        Ok(std::fs::read_dir(self.provision.parent().ok_or("dir")?)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && Provision::load(p).is_ok_and(|v| v.labels == [label])
+            })
+            .ok_or("no such provision")?)
+    }
+
+    /// `taas expose` for `label` to `to`, 8 waiting.
+    fn expose(&self, bin: &Path, label: &str, to: SocketAddr) -> Res<Child> {
+        Ok(Command::new(bin)
+            .args([
+                "expose",
+                self.provision_of(label)?.to_str().ok_or("path")?,
+                "--to",
+                &to.to_string(),
+                "--pool",
+                "8",
+            ])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    /// A new connection's first echoed byte, median and p99, in rounds of
+    /// three, `SETUP_GAP` apart and in shuffled order: directly to a local echo
+    /// service; to Q where the hidden side (a responder registered here)
+    /// echoes; to Q through `taas expose --to` that echo service.
+    fn connect_to_byte(&self, bin: &Path) -> Res<SetupTimes> {
+        let svc = TcpListener::bind("127.0.0.1:0")?;
+        let svc_addr = svc.local_addr()?;
+        std::thread::spawn(move || {
+            for s in svc.incoming().flatten() {
+                let _ = s.set_nodelay(true);
+                echo(s);
+            }
+        });
+        let mut agent = self.expose(bin, "agent", svc_addr)?;
+        let measured = (|| {
+            // A few responders ahead, so that a plug still being accepted
+            // never makes a round wait.
+            for _ in 0..4 {
+                echo(self.responder()?);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            let q_agent = self.rendezvous("agent")?;
+            let to = [svc_addr, self.q, q_agent];
+            let mut took: [Vec<f64>; 3] = Default::default();
+            // Each round in its own order (what ran just before matters on
+            // this VM), from a fixed seed.
+            let mut seed = 0x2545_f491_u32;
+            for _ in 0..SETUP_ROUNDS {
+                echo(self.responder()?);
+                let mut order = [0, 1, 2];
+                for i in (1..3).rev() {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    order.swap(i, seed as usize % (i + 1));
+                }
+                for k in order {
+                    std::thread::sleep(SETUP_GAP);
+                    took[k].push(first_echo(to[k])?);
+                }
+            }
+            let [mut direct, mut hidden, mut agent] = took;
+            let spread = |v: &mut Vec<f64>| (percentile(v, 0.5), percentile(v, 0.99));
+            Ok(SetupTimes {
+                direct: spread(&mut direct),
+                hidden: spread(&mut hidden),
+                agent: spread(&mut agent),
+            })
+        })();
+        let _ = agent.kill();
+        let _ = agent.wait();
+        measured
+    }
+
+    /// The whole mobile flow with curl, `CURL_FLOWS` times, one process each:
+    /// HTTPS GET on the label's host, the 307, connect to Q, TLS with the
+    /// hidden HTTPS service (behind `taas expose`), its one-octet answer; each
+    /// beside a curl GET straight to that service (one TLS handshake, the
+    /// client's own cost). `None` without curl.
+    fn curl_flows(&self, bin: &Path) -> Res<Option<CurlTimes>> {
+        if Command::new("curl").arg("--version").output().is_err() {
+            return Ok(None);
+        }
+        let (svc_addr, bundle) = https_service(self.dir.path(), &self.relay_ca)?;
+        let mut agent = self.expose(bin, "web", svc_addr)?;
+        // (time_redirect, time_total) of one curl run, followed to the end.
+        let curl = |url: &str| -> Res<(f64, f64)> {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-L", "--max-time", "10"])
+                .args(["-w", "%{http_code} %{time_redirect} %{time_total}"])
+                .arg("--cacert")
+                .arg(&bundle)
+                // Every host name to loopback, the port kept.
+                .args(["--connect-to", "::127.0.0.1:", url])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let f: Vec<&str> = text.split_whitespace().collect();
+            if f.len() != 3 || f[0] != "200" {
+                return Err(format!("curl {url}: {text:?}").into());
+            }
+            Ok((f[1].parse()?, f[2].parse()?))
+        };
+        let measured = (|| {
+            std::thread::sleep(Duration::from_secs(1));
+            let via_relay = format!("https://web.taas.localhost:{}/", self.addr.port());
+            let direct = format!("https://web.taas.localhost:{}/", svc_addr.port());
+            let (mut total, mut redirect, mut alone) = (vec![], vec![], vec![]);
+            for _ in 0..CURL_FLOWS {
+                let (r, t) = curl(&via_relay)?;
+                redirect.push(r);
+                total.push(t);
+                alone.push(curl(&direct)?.1);
+            }
+            Ok(Some(CurlTimes {
+                total: (percentile(&mut total, 0.5), percentile(&mut total, 0.99)),
+                redirect: percentile(&mut redirect, 0.5),
+                direct: percentile(&mut alone, 0.5),
+            }))
+        })();
+        let _ = agent.kill();
+        let _ = agent.wait();
+        measured
+    }
+
+    /// Registrations one after another (each with its plug connection, then
+    /// closed), in blocks that alternate: one registrar (one rustls
+    /// ClientConfig, so TLS sessions are resumed) and a new registrar each
+    /// time (a new ClientConfig: a full handshake). Per kind: registrations
+    /// per second and relay CPU seconds per registration.
+    fn registrations(&self) -> Res<Registrations> {
+        let p = Provision::load(&self.provision_of("reg")?)?;
+        let one = Registrar::from_provision(&p)?;
+        let mut spent = [(0.0, 0.0, 0.0); 2];
+        for _ in 0..REGISTRATION_BLOCKS {
+            for (kind, fresh) in [(0, false), (1, true)] {
+                let cpu0 = self.cpu_seconds()?;
+                let mine0 = cpu_seconds_of(std::process::id())?;
+                let t = Instant::now();
+                for _ in 0..REGISTRATIONS {
+                    let registrar = if fresh {
+                        Registrar::from_provision(&p)?
+                    } else {
+                        one.clone()
+                    };
+                    let plug = registrar.register("reg").map_err(|e| e.to_string())?;
+                    drop(TcpStream::connect(plug)?);
+                }
+                spent[kind].0 += t.elapsed().as_secs_f64();
+                spent[kind].1 += self.cpu_seconds()? - cpu0;
+                spent[kind].2 += cpu_seconds_of(std::process::id())? - mine0;
+            }
+        }
+        let n = (REGISTRATIONS * REGISTRATION_BLOCKS) as f64;
+        let per = |(secs, cpu, mine): (f64, f64, f64)| (n / secs, cpu / n, mine / n);
+        Ok(Registrations {
+            resumed: per(spent[0]),
+            full: per(spent[1]),
+        })
     }
 
     fn rendezvous_client(&self) -> Client {
@@ -651,11 +893,7 @@ impl Relay {
     }
 
     fn cpu_seconds(&self) -> Res<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-        Ok(ticks / 100.0)
+        cpu_seconds_of(self.child.id())
     }
 
     /// KiB of RSS per idle relayed pair, and threads then.
@@ -716,4 +954,95 @@ impl Client {
         m.read_exact(&mut [0u8; 1])?;
         Ok(())
     }
+}
+
+/// Connect -> first echoed byte: (median, p99) seconds.
+struct SetupTimes {
+    direct: (f64, f64),
+    hidden: (f64, f64),
+    agent: (f64, f64),
+}
+
+/// curl's whole flow: (median, p99) seconds; the median of its redirect part;
+/// the median of curl's GET straight to the hidden service.
+struct CurlTimes {
+    total: (f64, f64),
+    redirect: f64,
+    direct: f64,
+}
+
+/// (registrations per second, relay CPU seconds per registration, this
+/// process's CPU seconds per registration: the registering side's).
+struct Registrations {
+    resumed: (f64, f64, f64),
+    full: (f64, f64, f64),
+}
+
+/// Seconds from connecting to `to` to its echo of one octet.
+fn first_echo(to: SocketAddr) -> Res<f64> {
+    let t = Instant::now();
+    let mut m = TcpStream::connect(to)?;
+    m.set_nodelay(true)?;
+    m.set_read_timeout(Some(Duration::from_secs(10)))?;
+    m.write_all(b"x")?;
+    m.read_exact(&mut [0u8; 1])?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// A local HTTPS service for `web.taas.localhost`, thread per connection,
+/// answering every request with one octet; its address, and a CA bundle (the
+/// relay's certificate and its) for curl.
+fn https_service(dir: &Path, relay_ca: &str) -> Res<(SocketAddr, PathBuf)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = taas::cert::generate(vec!["web.taas.localhost".into()])?;
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{relay_ca}{cert}"))?;
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let _ = tcp.set_nodelay(true);
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tls.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    Ok((addr, bundle))
+}
+
+/// CPU seconds (user and system) process `pid` has used so far.
+fn cpu_seconds_of(pid: u32) -> Res<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
 }

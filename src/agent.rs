@@ -2,8 +2,13 @@
 //! for one label and pipes each relayed connection to a local TCP service.
 //!
 //! Each of the `pool` slots is one thread that loops: register (docs/PROTOCOL.md
-//! section 1), connect to the plug, wait for the mobile client's first octet, hand
-//! the connection to a pipe thread, register again. So a burst of mobile
+//! section 1), connect to the plug, wait for the mobile client's first octet.
+//! Then that thread connects to the local service and pipes the connection
+//! itself, and a new thread takes the slot over and registers again as soon as
+//! the service's first answer is on its way back (at most `REFILL_DELAY` on):
+//! the mobile's first octets wait for no thread start and share the CPU with no
+//! TLS handshake (with `--eager` or `--tls`, a pipe thread takes the
+//! connection and the slot registers again at once). So a burst of mobile
 //! connections is met by all slots re-registering at once, not one after another.
 //!
 //! Invariants:
@@ -56,6 +61,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WAIT_TICK: Duration = Duration::from_secs(1);
 /// A failing run is summed up this often.
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait, once a mobile client's first octets have arrived, before the
+/// slot registers again: until the local service's first answer is on its way
+/// back, so that the registration's TLS handshake (CPU on both sides) does not
+/// compete with it (`make bench`: connect → first byte, via taas expose).
+pub const REFILL_DELAY: Duration = Duration::from_millis(20);
 /// A waiting connection the relay closes sooner than this counts as a failure
 /// (backed off), so an agent whose pool exceeds the relay's `max_waiting` does
 /// not re-register in a loop.
@@ -291,8 +301,13 @@ impl Agent {
             cfg.pool
         );
         for n in 0..cfg.pool {
-            let (r, c, s) = (registrar.clone(), cfg.clone(), stop.clone());
-            spawn("slot", AGENT_STACK, move || slot(n, &r, &c, &s))
+            let s = Slot {
+                n,
+                registrar: registrar.clone(),
+                cfg: cfg.clone(),
+                stop: stop.clone(),
+            };
+            spawn("slot", AGENT_STACK, move || slot(&s))
                 .map_err(|e| Error::io("spawn thread", e))?;
         }
         Ok(Agent { stop })
@@ -366,7 +381,21 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
     false
 }
 
-fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) {
+/// One of the `pool` slots: what its thread needs, and hands to the thread that
+/// takes the slot over.
+#[derive(Clone)]
+struct Slot {
+    n: usize,
+    registrar: Arc<Registrar>,
+    cfg: Arc<ExposeConfig>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Registers, waits for a mobile client, again, until the agent stops. A slot
+/// whose mobile client spoke pipes it in this thread, and hands the slot to a
+/// new thread once the first answer is on its way (`Waited::HandedOver`).
+fn slot(s: &Slot) {
+    let (n, registrar, cfg, stop) = (s.n, &*s.registrar, &*s.cfg, &*s.stop);
     let mut failures = Failures {
         count: 0,
         reported: Instant::now(),
@@ -376,7 +405,8 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
             Ok(plug) => match TcpStream::connect_timeout(&plug, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     let since = Instant::now();
-                    match serve_one(n, stream, cfg, stop) {
+                    match serve_one(s, stream) {
+                        Waited::HandedOver => return,
                         Waited::Ended if since.elapsed() < SHORT_WAIT => {
                             // Most likely evicted: more responders wait than
                             // the relay keeps.
@@ -445,17 +475,26 @@ fn slot(n: usize, registrar: &Registrar, cfg: &ExposeConfig, stop: &AtomicBool) 
 
 /// How a waiting connection ended.
 enum Waited {
-    /// The mobile side spoke: the connection went to a pipe thread.
+    /// The mobile side spoke: the connection went to a pipe thread, or was
+    /// piped here and the slot could not be handed over (no thread), or the
+    /// local service was down (that connection was closed).
     Spoke,
+    /// The mobile side spoke and this thread piped it; another thread has the
+    /// slot now.
+    HandedOver,
     /// The relay closed it, or the agent is stopping.
     Ended,
     /// `--eager` could not reach the local service.
     LocalDown(Error),
 }
 
-/// Waits on one responder connection until the mobile side speaks, then hands
-/// it to a pipe thread.
-fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool) -> Waited {
+/// Waits on one responder connection until the mobile side speaks, then pipes
+/// it to the local service: here, connecting at once (no thread start on the
+/// way), with a new thread taking the slot over when the first answer has been
+/// passed back or `REFILL_DELAY` has gone by; with `eager` or `tls`, in a pipe
+/// thread.
+fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
+    let (n, cfg, stop) = (s.n, &*s.cfg, &*s.stop);
     // The relay may vanish without a FIN (host down, NAT mapping lost): the
     // agent never sends on a waiting connection, so only keepalive notices.
     let _ = set_keepalive(&relayed);
@@ -500,28 +539,63 @@ fn serve_one(n: usize, relayed: TcpStream, cfg: &ExposeConfig, stop: &AtomicBool
                 Err(e) => log::info!("pipe via {peer} to {to}: {e}"),
             }
         }),
-        (None, None) => spawn("pipe", AGENT_STACK, move || {
-            match connect_to(&to, "connect to local service") {
-                Ok(local) => {
-                    let (moved, err) =
-                        relay::run(Arc::new(relayed), Arc::new(local), relay::Copier::Splice);
-                    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
-                    log::info!(
-                        "pipe via {peer} to {to}: {} up, {} down{how}",
-                        moved.up,
-                        moved.down
-                    );
-                }
-                Err(e) => {
-                    log::warn!("local service {to} unreachable: {e}; closed that mobile connection")
-                }
-            }
-        }),
+        (None, None) => return pipe_here(s, relayed, &peer),
     };
     if let Err(e) = spawned {
         log::error!("slot {n}: {e}");
     }
     Waited::Spoke
+}
+
+/// Pipes a relayed connection whose mobile client spoke to the local service,
+/// in this thread, and hands the slot to a new thread once the first answer
+/// has been passed back (or after `REFILL_DELAY`).
+fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
+    let (n, to) = (s.n, &s.cfg.to);
+    let local = match connect_to(to, "connect to local service") {
+        Ok(local) => local,
+        Err(e) => {
+            log::warn!("local service {to} unreachable: {e}; closed that mobile connection");
+            return Waited::Spoke;
+        }
+    };
+    let mut handed = false;
+    let hand_over = relay::Hook {
+        toward: relay::Toward::Mobile,
+        by: Instant::now() + REFILL_DELAY,
+        call: || {
+            let next = s.clone();
+            match spawn("slot", AGENT_STACK, move || slot(&next)) {
+                Ok(_) => handed = true,
+                Err(e) => log::error!("slot {n}: {e}; registering again after this connection"),
+            }
+            Ok(())
+        },
+    };
+    // The mobile's first octets are there: the first turn passes them on.
+    let ready = relay::Ready {
+        mobile: true,
+        hidden: false,
+    };
+    let (moved, err) = relay::run_with(
+        Arc::new(relayed),
+        Arc::new(local),
+        relay::Copier::Splice,
+        None,
+        ready,
+        hand_over,
+    );
+    let how = err.map_or_else(String::new, |e| format!(" ({e})"));
+    log::info!(
+        "pipe via {peer} to {to}: {} up, {} down{how}",
+        moved.up,
+        moved.down
+    );
+    if handed {
+        Waited::HandedOver
+    } else {
+        Waited::Spoke
+    }
 }
 
 /// One relayed connection with TLS ended here: the handshake (under its

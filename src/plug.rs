@@ -88,8 +88,10 @@ fn wait(shared: &Shared, label: &Label, listener: &TcpListener, port: u16, regis
                     shared.metrics.refused(Limit::PlugSameIp);
                     continue;
                 }
+                // Set now, off the way of the mobile client it will be paired with.
                 if let Err(e) = stream
                     .set_nonblocking(false)
+                    .and_then(|()| stream.set_nodelay(true))
                     .and_then(|()| set_keepalive(&stream))
                 {
                     log::warn!("plug {port} for {}: {peer}: {e}", label.name);

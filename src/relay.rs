@@ -18,9 +18,12 @@
 //! of memory for an idle pair, where a thread per direction cost 19.5); a
 //! direction makes its pipe at its first octet and gives it back after
 //! `PIPE_IDLE` of quiet, so an idle pair holds its two sockets only: the one
-//! splice path. `one_way` copies one direction with a blocking `io::copy`, for
-//! the agent's `--eager`, whose sockets other threads also use (so they must
-//! stay blocking).
+//! splice path (`run_with` is the same loop, moving the octets known to be
+//! waiting in its first turn and running a hook once, early: the rendezvous
+//! starts its next accepting thread there, the agent hands its slot over).
+//! `one_way` copies one direction with a blocking `io::copy`, for the agent's
+//! `--eager`, whose sockets other threads also use (so they must stay
+//! blocking).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -91,9 +94,66 @@ pub fn run_until_idle(
     copier: Copier,
     idle: Option<Duration>,
 ) -> (Moved, Option<io::Error>) {
+    let none = Hook {
+        toward: Toward::Mobile,
+        by: Instant::now(),
+        call: || Ok(()),
+    };
+    run_with(mobile, hidden, copier, idle, Ready::default(), none)
+}
+
+/// Sides whose octets are known to be waiting when a pair starts: its first
+/// turn moves them at once, before any poll.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ready {
+    /// The mobile client's.
+    pub mobile: bool,
+    /// The hidden server's.
+    pub hidden: bool,
+}
+
+/// Which way's first octets a `Hook` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toward {
+    /// Written to the hidden side.
+    Hidden,
+    /// Written to the mobile side.
+    Mobile,
+}
+
+/// Work to do once, early in a pair's life, without holding up its first
+/// octets: `call` runs after the first turn that writes octets `toward` a
+/// side, or after the first turn once `by` has passed, or at the end. An
+/// error from it closes the pair and is returned.
+pub struct Hook<F: FnOnce() -> io::Result<()>> {
+    /// Whose first octets to wait for.
+    pub toward: Toward,
+    /// The latest time to call it (the turn after).
+    pub by: Instant,
+    /// The work.
+    pub call: F,
+}
+
+/// `run_until_idle`, starting with the octets `ready` says are there and
+/// calling `hook` once (the rendezvous starts its port's next accepting thread
+/// after the mobile's first octets have been passed on; the agent hands its
+/// slot over once the local service's first answer is on its way back, so
+/// that registering again, a TLS handshake, does not compete with it).
+pub fn run_with(
+    mobile: Arc<TcpStream>,
+    hidden: Arc<TcpStream>,
+    copier: Copier,
+    idle: Option<Duration>,
+    ready: Ready,
+    hook: Hook<impl FnOnce() -> io::Result<()>>,
+) -> (Moved, Option<io::Error>) {
+    let Hook { toward, by, call } = hook;
+    let mut hook = Some(call);
     let (mobile, hidden) = (&*mobile, &*hidden);
     let mut up = Way::new(copier);
     let mut down = Way::new(copier);
+    up.ready = ready.mobile;
+    down.ready = ready.hidden;
     let mut error = mobile
         .set_nonblocking(true)
         .and_then(|()| hidden.set_nonblocking(true))
@@ -105,6 +165,17 @@ pub fn run_until_idle(
             .advance(mobile, hidden)
             .and_then(|()| down.advance(hidden, mobile))
             .err();
+        let written = match toward {
+            Toward::Hidden => up.count,
+            Toward::Mobile => down.count,
+        };
+        if error.is_none()
+            && hook.is_some()
+            && (written > 0 || Instant::now() >= by)
+            && let Some(call) = hook.take()
+        {
+            error = call().err();
+        }
         // Octets read count as moving as soon as they are held.
         let now_moved = up.count + down.count + (up.pending + down.pending) as u64;
         if now_moved != moved_so_far {
@@ -112,8 +183,14 @@ pub fn run_until_idle(
             idle_until = idle.map(|d| Instant::now() + d);
         }
         if error.is_none() {
-            error = wait(mobile, hidden, &mut up, &mut down, idle_until).err();
+            let wake_at = hook.as_ref().map(|_| by);
+            error = wait(mobile, hidden, &mut up, &mut down, idle_until, wake_at).err();
         }
+    }
+    if let Some(call) = hook.take()
+        && let Err(e) = call()
+    {
+        error.get_or_insert(e);
     }
     if error.is_some() {
         close_both(mobile, hidden);
@@ -145,13 +222,14 @@ pub fn is_idle_timeout(e: &io::Error) -> bool {
 
 /// Waits until a direction can move, or for `PIPE_IDLE` when a direction holds
 /// an empty pipe or buffer, which is then given back; `TimedOut` once
-/// `idle_until` passes.
+/// `idle_until` passes; at most until `wake_at`.
 fn wait(
     mobile: &TcpStream,
     hidden: &TcpStream,
     up: &mut Way,
     down: &mut Way,
     idle_until: Option<Instant>,
+    wake_at: Option<Instant>,
 ) -> io::Result<()> {
     use nix::poll::{PollFd, PollTimeout, poll};
     use std::os::fd::{AsFd, AsRawFd};
@@ -186,7 +264,8 @@ fn wait(
         }
         None => None,
     };
-    let timeout = match idle.into_iter().chain(silent).min() {
+    let woken = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
+    let timeout = match idle.into_iter().chain(silent).chain(woken).min() {
         // Rounded up: a poll woken a little early would only loop once more.
         Some(d) => PollTimeout::try_from(d + std::time::Duration::from_millis(1))
             .unwrap_or(PollTimeout::MAX),
@@ -604,6 +683,110 @@ mod tests {
         a.shutdown(Shutdown::Write).unwrap();
         assert_eq!(read_all(b), b"hello world");
         assert_eq!(t.join().unwrap().unwrap(), 11);
+    }
+
+    /// `run_with`: a hook waits for the first octets toward its side (or its
+    /// time), runs once, and an error from it closes the pair.
+    #[test]
+    fn a_hook_runs_once_after_the_first_answer_or_its_time() {
+        use std::sync::mpsc;
+        let hooked = |copier: Copier, toward: Toward, by: Duration, ready: Ready| {
+            let (mobile, mobile_relay) = connected();
+            let (hidden_relay, hidden) = connected();
+            let (tx, rx) = mpsc::channel();
+            let hook = Hook {
+                toward,
+                by: Instant::now() + by,
+                call: move || {
+                    tx.send(Instant::now()).unwrap();
+                    Ok(())
+                },
+            };
+            let t = thread::spawn(move || {
+                run_with(
+                    Arc::new(mobile_relay),
+                    Arc::new(hidden_relay),
+                    copier,
+                    None,
+                    ready,
+                    hook,
+                )
+            });
+            (mobile, hidden, rx, t)
+        };
+        for copier in [Copier::Splice, Copier::Copy] {
+            let (mut mobile, mut hidden, rx, t) = hooked(
+                copier,
+                Toward::Mobile,
+                Duration::from_secs(60),
+                Ready::default(),
+            );
+            mobile.write_all(b"ask").unwrap();
+            let mut got = [0u8; 3];
+            hidden.read_exact(&mut got).unwrap();
+            let quiet = Duration::from_millis(200);
+            assert!(
+                rx.recv_timeout(quiet).is_err(),
+                "{copier:?}: not before the answer"
+            );
+            hidden.write_all(b"answer").unwrap();
+            let mut back = [0u8; 6];
+            mobile.read_exact(&mut back).unwrap();
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("after the answer");
+            mobile.shutdown(Shutdown::Write).unwrap();
+            hidden.shutdown(Shutdown::Write).unwrap();
+            let (moved, err) = t.join().unwrap();
+            assert!(err.is_none(), "{copier:?}: {err:?}");
+            assert_eq!(moved, Moved { up: 3, down: 6 });
+            assert!(rx.try_recv().is_err(), "{copier:?}: once");
+
+            // No answer: at its time.
+            let start = Instant::now();
+            let by = Duration::from_millis(100);
+            let (mut mobile, mut hidden, rx, t) =
+                hooked(copier, Toward::Mobile, by, Ready::default());
+            mobile.write_all(b"ask").unwrap();
+            hidden.read_exact(&mut got).unwrap();
+            let at = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("at its time");
+            assert!(at - start >= by, "{copier:?}");
+            drop((mobile, hidden));
+            let _ = t.join().unwrap();
+        }
+        // The first octets known to be there are passed on in the first turn;
+        // an error from the hook then closes the pair.
+        let (mut mobile, mobile_relay) = connected();
+        let (hidden_relay, hidden) = connected();
+        mobile.write_all(b"x").unwrap();
+        // After the octet reached the relay's socket.
+        thread::sleep(Duration::from_millis(50));
+        let t = thread::spawn(move || {
+            let hook = Hook {
+                toward: Toward::Hidden,
+                by: Instant::now(),
+                call: || Err(io::Error::other("no thread")),
+            };
+            let ready = Ready {
+                mobile: true,
+                hidden: false,
+            };
+            run_with(
+                Arc::new(mobile_relay),
+                Arc::new(hidden_relay),
+                Copier::Splice,
+                None,
+                ready,
+                hook,
+            )
+        });
+        let (moved, err) = t.join().unwrap();
+        assert_eq!(err.map(|e| e.to_string()).as_deref(), Some("no thread"));
+        assert_eq!(moved.up, 1);
+        assert_eq!(read_all(hidden), b"x", "then closed");
+        let mut rest = Vec::new();
+        assert_eq!(mobile.read_to_end(&mut rest).unwrap_or(0), 0);
     }
 
     /// How a test pair ended, and when.

@@ -9,9 +9,12 @@
 //! responder is awaited up to `pair_wait`), and relayed.
 //!
 //! Invariants: at most one open port per label (the label's lock is held while
-//! opening); the accept loop only accepts and spawns, it never waits on a peer; a
-//! connection beyond `max_pairs` is closed at once; a mobile connection takes a
-//! responder only once it has something to relay.
+//! opening); a thread in accept never waits on a peer: the one that accepts a
+//! connection pairs it itself and starts the port's next accepting thread
+//! before it first waits on a peer (or once the mobile's first octets are
+//! passed on), or goes on accepting itself; a connection beyond `max_pairs` is
+//! closed at once; a mobile connection takes a responder only once it has
+//! something to relay.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -98,11 +101,14 @@ pub fn port_for(shared: &Arc<Shared>, label: &Arc<Label>) -> Result<u16> {
         .local_addr()
         .map_err(|e| Error::io("rendezvous bind", e))?;
     let open = Arc::new(OpenPort::new(addr));
-    let (s, l, o) = (shared.clone(), label.clone(), open.clone());
-    spawn("rendezvous", PAIR_STACK, move || {
-        accept_loop(&s, &l, &o, listener)
-    })
-    .map_err(|e| Error::io("spawn thread", e))?;
+    let port = Port {
+        shared: shared.clone(),
+        label: label.clone(),
+        open: open.clone(),
+        listener: Arc::new(listener),
+    };
+    spawn("rendezvous", PAIR_STACK, move || accept_loop(port))
+        .map_err(|e| Error::io("spawn thread", e))?;
     log::info!("rendezvous {} open for {}", open.port, label.name);
     shared.metrics.rendezvous_open(1);
     *slot = Some(open.clone());
@@ -141,49 +147,113 @@ pub fn close_all(shared: &Shared) {
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, label: &Arc<Label>, open: &OpenPort, listener: TcpListener) {
+/// An open rendezvous port, as its accepting thread holds it.
+#[derive(Clone)]
+struct Port {
+    shared: Arc<Shared>,
+    label: Arc<Label>,
+    open: Arc<OpenPort>,
+    listener: Arc<TcpListener>,
+}
+
+/// Accepts on the port until it closes. The thread that accepts a connection
+/// pairs and relays it itself, and starts the port's next accepting thread
+/// once the mobile's first octets have been passed on, or before it first
+/// waits on a peer: so those octets wait for no thread start, and the port is
+/// without a thread in accept only for that while. A thread that never
+/// started its successor (the mobile left or was refused, or no thread could
+/// be had: that connection is closed) goes on accepting itself.
+fn accept_loop(mut port: Port) {
     loop {
-        let accepted = listener.accept();
-        if open.is_closed() || shared.stopping() {
+        let accepted = port.listener.accept();
+        if port.open.is_closed() || port.shared.stopping() {
             break;
         }
         let (mobile, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                shared.refuse(Limit::Accept, &format!("rendezvous {}: {e}", open.port));
+                let what = format!("rendezvous {}: {e}", port.open.port);
+                port.shared.refuse(Limit::Accept, &what);
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
-        open.touch();
-        let permit = match shared.acquire_pair(peer.ip()) {
+        port.open.touch();
+        let permit = match port.shared.acquire_pair(peer.ip()) {
             Ok(permit) => permit,
             Err(limit) => {
-                shared.refuse(limit, &format!("{} from {peer}", label.name));
+                let what = format!("{} from {peer}", port.label.name);
+                port.shared.refuse(limit, &what);
                 continue;
             }
         };
-        let (s, l) = (shared.clone(), label.clone());
-        if let Err(e) = spawn("pair", PAIR_STACK, move || {
-            pair(&s, &l, mobile, peer, permit)
-        }) {
-            shared.refuse(Limit::Threads, &format!("{} from {peer}: {e}", label.name));
+        let (shared, label) = (port.shared.clone(), port.label.clone());
+        let mut next = Some(port);
+        pair(&shared, &label, mobile, peer, permit, &mut || {
+            start_next(&mut next)
+        });
+        match next {
+            Some(p) => port = p,
+            None => return,
         }
     }
-    shared.metrics.rendezvous_open(-1);
+    port.shared.metrics.rendezvous_open(-1);
+}
+
+/// Starts the port's next accepting thread, once; the port is theirs then
+/// (this thread keeps no listener open). When no thread can be had, the port
+/// stays here.
+fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
+    let Some(port) = next.take() else {
+        return Ok(());
+    };
+    let theirs = port.clone();
+    match spawn("rendezvous", PAIR_STACK, move || accept_loop(theirs)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            *next = Some(port);
+            Err(e)
+        }
+    }
 }
 
 /// Pairs one mobile connection once it has something to relay, and relays it
 /// to the end: at once with the oldest responder that already spoke (its
 /// octets wait at the relay), else with the oldest responder when the mobile's
 /// first octet arrives. A connection silent for `first_octet_timeout` is
-/// closed without having taken a responder.
-fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, permit: PairPermit) {
-    let responder = match label.take_speaking() {
-        Some(r) => r,
+/// closed without having taken a responder. `go_on` starts the port's next
+/// accepting thread: called before anything here waits on a peer, else by the
+/// relay once the mobile's first octets have been passed on; when it fails,
+/// the connection is closed.
+fn pair(
+    shared: &Shared,
+    label: &Label,
+    mobile: TcpStream,
+    peer: SocketAddr,
+    permit: PairPermit,
+    go_on: &mut dyn FnMut() -> std::io::Result<()>,
+) {
+    let no_thread = |e: std::io::Error| {
+        shared.refuse(Limit::Threads, &format!("{} from {peer}: {e}", label.name));
+    };
+    let (responder, ready) = match label.take_speaking() {
+        Some(r) => (
+            r,
+            relay::Ready {
+                mobile: false,
+                hidden: true,
+            },
+        ),
         None => {
             let limit = shared.config.first_octet_timeout;
-            match peer_state(&mobile, limit) {
+            let mut state = peer_state(&mobile, Duration::ZERO);
+            if state == PeerState::Quiet {
+                if let Err(e) = go_on() {
+                    return no_thread(e);
+                }
+                state = peer_state(&mobile, limit);
+            }
+            match state {
                 PeerState::Speaking => {}
                 PeerState::Gone => {
                     log::info!("{}: {peer} left without sending anything", label.name);
@@ -200,7 +270,14 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
                     return;
                 }
             }
-            let Some(r) = label.take(shared.config.pair_wait) else {
+            let taken = match label.take(Duration::ZERO) {
+                Some(r) => Some(r),
+                None => match go_on() {
+                    Ok(()) => label.take(shared.config.pair_wait),
+                    Err(e) => return no_thread(e),
+                },
+            };
+            let Some(r) = taken else {
                 log::warn!(
                     "{}: no responder for {peer} within {} ({} s); closed",
                     label.name,
@@ -210,7 +287,13 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
                 shared.metrics.refused(Limit::PairWait);
                 return;
             };
-            r
+            (
+                r,
+                relay::Ready {
+                    mobile: true,
+                    hidden: false,
+                },
+            )
         }
     };
     if !is_alive(&mobile) {
@@ -220,10 +303,9 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
         return;
     }
     let hidden = responder.stream;
-    for s in [&mobile, &hidden] {
-        let _ = s.set_nodelay(true);
-        let _ = set_keepalive(s);
-    }
+    // The responder has both since its plug accepted it.
+    let _ = mobile.set_nodelay(true);
+    let _ = set_keepalive(&mobile);
     let (mobile, hidden) = (Arc::new(mobile), Arc::new(hidden));
     permit.attach(&mobile, &hidden);
     let record = Pairing {
@@ -241,11 +323,18 @@ fn pair(shared: &Shared, label: &Label, mobile: TcpStream, peer: SocketAddr, per
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();
-    let (moved, err) = relay::run_until_idle(
+    let next_thread = relay::Hook {
+        toward: relay::Toward::Hidden,
+        by: started,
+        call: go_on,
+    };
+    let (moved, err) = relay::run_with(
         mobile,
         hidden,
         shared.config.copier,
         shared.config.idle_timeout,
+        ready,
+        next_thread,
     );
     // The pair leaves the table (pairs active) before it counts as closed.
     drop(permit);

@@ -107,14 +107,32 @@ pub enum PeerState {
     Speaking,
 }
 
+/// One non-blocking peek at `stream`.
+fn peek_now(stream: &TcpStream) -> PeerState {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    let flags = nix::libc::MSG_PEEK | nix::libc::MSG_DONTWAIT;
+    loop {
+        return match socket2::SockRef::from(stream).recv_with_flags(&mut byte, flags) {
+            Ok(0) => PeerState::Gone,
+            Ok(_) => PeerState::Speaking,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => PeerState::Quiet,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => PeerState::Gone,
+        };
+    }
+}
+
 /// Peeks at `stream` without consuming, waiting up to `wait` for an octet
-/// (`Duration::ZERO`: not at all); the socket is left blocking, without a
-/// read timeout.
+/// (`Duration::ZERO`: not at all); the socket's mode is left as it was, without
+/// a read timeout. A peer that is gone or has spoken already costs one call
+/// (`recv(MSG_PEEK | MSG_DONTWAIT)`, whatever the socket's mode): pairing peeks
+/// at every waiting responder and at the mobile, on each connection's way.
 pub fn peer_state(stream: &TcpStream, wait: Duration) -> PeerState {
-    let set = |on: bool| match wait.is_zero() {
-        true => stream.set_nonblocking(on),
-        false => stream.set_read_timeout(on.then_some(wait)),
-    };
+    let now = peek_now(stream);
+    if now != PeerState::Quiet || wait.is_zero() {
+        return now;
+    }
+    let set = |on: bool| stream.set_read_timeout(on.then_some(wait));
     if set(true).is_err() {
         return PeerState::Gone;
     }
