@@ -44,7 +44,7 @@
 //! | steps | `registrar` → `plug` → `pool`; `rendezvous` → `pool` → `relay`; `status`, `route` |
 //! | state | `state` |
 //! | core | `auth`, `config`, `pool`, `store`, `tls`, `metrics` |
-//! | rules | `http`, `label`, `limits`, `logging`, `relay`, `totp` |
+//! | rules | `http`, `label`, `limits`, `logging`, `redis_link`, `relay`, `totp` |
 //! | base | `error`, `sys` |
 #![forbid(unsafe_code)]
 
@@ -62,6 +62,7 @@ pub mod metrics;
 pub mod plug;
 pub mod pool;
 pub mod provision;
+pub mod redis_link;
 pub mod registrar;
 pub mod relay;
 pub mod rendezvous;

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::label;
+use crate::redis_link::RedisLink;
 use crate::sys::{
     NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, unpoisoned,
     write_private,
@@ -67,19 +68,21 @@ impl StoreSpec {
             }
             return Ok(StoreSpec::File(PathBuf::from(path)));
         }
-        if text.starts_with("redis://") {
-            redis::Client::open(text).map_err(|e| format!("bad redis URL: {e}"))?;
+        if RedisLink::is_url(text) {
+            RedisLink::parse(text).map_err(|e| e.to_string())?;
             return Ok(StoreSpec::Redis(text.to_string()));
         }
-        Err("expected file:PATH or redis://[:PASSWORD@]HOST:PORT[/DB]".into())
+        Err("expected file:PATH, redis://[:PASSWORD@]HOST:PORT[/DB] or \
+             redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]"
+            .into())
     }
 
     /// For log lines: the file, or Redis's address without the password.
     pub fn describe(&self) -> String {
         match self {
             StoreSpec::File(p) => format!("file:{}", p.display()),
-            StoreSpec::Redis(url) => match redis::Client::open(url.as_str()) {
-                Ok(c) => format!("redis {}", c.get_connection_info().addr()),
+            StoreSpec::Redis(url) => match RedisLink::parse(url) {
+                Ok(link) => format!("redis {}", link.describe()),
                 Err(_) => "redis".into(),
             },
         }
@@ -482,8 +485,8 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
 
 /// Accounts in Redis, one key per ID.
 pub struct RedisStore {
-    /// The client (holds the parsed URL, password included: never printed).
-    client: redis::Client,
+    /// Where Redis is (the password inside is never printed).
+    link: RedisLink,
     /// `HOST:PORT` for messages (no password).
     addr: String,
     /// The open connection, if any; dropped on error and re-opened on next use.
@@ -504,11 +507,10 @@ impl Drop for Waiter<'_> {
 impl RedisStore {
     /// A store for `url`; does not connect yet.
     pub fn new(url: &str) -> Result<RedisStore> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::StoreUnavailable(format!("bad redis URL: {e}")))?;
-        let addr = client.get_connection_info().addr().to_string();
+        let link = RedisLink::parse(url)?;
+        let addr = link.describe().to_string();
         Ok(RedisStore {
-            client,
+            link,
             addr,
             conn: Mutex::new(None),
             waiters: std::sync::atomic::AtomicUsize::new(0),
@@ -594,10 +596,13 @@ impl RedisStore {
     }
 
     fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        let conn = self.client.get_connection_with_timeout(timeout)?;
-        conn.set_read_timeout(Some(timeout))?;
-        conn.set_write_timeout(Some(timeout))?;
-        Ok(conn)
+        self.link.connect(timeout)
+    }
+
+    /// Where this store's Redis is (the shared directory opens its own
+    /// connections there).
+    pub fn link(&self) -> &RedisLink {
+        &self.link
     }
 
     fn ping(&self) -> Result<()> {

@@ -13,7 +13,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("base: the error type", &["error"]),
     (
         "rules",
-        &["http", "label", "limits", "logging", "relay", "totp"],
+        &[
+            "http",
+            "label",
+            "limits",
+            "logging",
+            "redis_link",
+            "relay",
+            "totp",
+        ],
     ),
     (
         "core",
