@@ -104,6 +104,12 @@ pub struct Config {
     /// How the relay copies: `splice(2)` (key `splice = true`, the default) or
     /// `std::io::copy`.
     pub copier: Copier,
+    /// This relay's name among several sharing one Redis store (a DNS label,
+    /// lower case): turns the shared directory on (docs/PROTOCOL.md section 6).
+    pub node: Option<String>,
+    /// With `node`: a mobile request for a label with no responder here is
+    /// answered 307 to a node that has some (default true); else 503.
+    pub cross_node_redirects: bool,
 }
 
 /// The host a 307 names (`redirect_host`).
@@ -187,6 +193,10 @@ struct RawConfig {
     status_listen: Option<String>,
     /// `splice`, as written.
     splice: Option<bool>,
+    /// `node`, as written.
+    node: Option<String>,
+    /// `cross_node_redirects`, as written.
+    cross_node_redirects: Option<bool>,
 }
 
 impl Default for Config {
@@ -318,6 +328,29 @@ impl Config {
             ),
             None => None,
         };
+        let node = match raw.node {
+            Some(name) => {
+                let name = label::validate(&name).map_err(|e| bad("node", e.to_string()))?;
+                if matches!(store, StoreSpec::File(_)) {
+                    return Err(bad(
+                        "node",
+                        format!(
+                            "{name:?} needs a Redis store (store = \"redis://…\" or \
+                             \"redis+sentinel://…\"): nodes share their directory there, \
+                             and a file store is one machine's"
+                        ),
+                    ));
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        if raw.cross_node_redirects.is_some() && node.is_none() {
+            return Err(bad(
+                "cross_node_redirects",
+                "only means something with node set".into(),
+            ));
+        }
         Ok(Config {
             source: source.to_string(),
             public_host,
@@ -366,6 +399,8 @@ impl Config {
             } else {
                 Copier::Copy
             },
+            node,
+            cross_node_redirects: raw.cross_node_redirects.unwrap_or(true),
         })
     }
 
@@ -385,6 +420,22 @@ impl Config {
         let host = match self.redirect_host {
             RedirectHost::Name => format!("{label}.{}:{port}", self.servers_domain),
             RedirectHost::Address => self.public_addr(port),
+        };
+        format!("{}://{host}{target}", self.scheme())
+    }
+
+    /// The `Location` of a cross-node 307 for `label` to `node`'s rendezvous
+    /// port `port`: `LABEL.NODE.servers_domain` (one wildcard DNS record per
+    /// node, `*.NODE.servers_domain`; label certificates name it), or that
+    /// node's `public_host` (`host`, as the node published it) with
+    /// `redirect_host = "address"`.
+    pub fn node_url(&self, label: &str, node: &str, host: &str, port: u16, target: &str) -> String {
+        let host = match self.redirect_host {
+            RedirectHost::Name => format!("{label}.{node}.{}:{port}", self.servers_domain),
+            RedirectHost::Address => match host.parse::<IpAddr>() {
+                Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                _ => format!("{host}:{port}"),
+            },
         };
         format!("{}://{host}{target}", self.scheme())
     }
@@ -479,6 +530,28 @@ fn parse_range(text: &str) -> std::result::Result<(u16, u16), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_needs_redis_and_a_dns_label() {
+        let e = Config::from_toml("node = \"a\"", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node") && e.contains("Redis store"), "{e}");
+        let redis = "store = \"redis://127.0.0.1:6379\"\n";
+        let c = Config::from_toml(&format!("{redis}node = \"A1\""), "t").unwrap();
+        assert_eq!(c.node.as_deref(), Some("a1"));
+        assert!(c.cross_node_redirects);
+        assert!(Config::from_toml(&format!("{redis}node = \"a.b\""), "t").is_err());
+        assert!(Config::from_toml("cross_node_redirects = false", "t").is_err());
+        let url = c.node_url("cam", "b", "127.0.0.3", 20001, "/x?y");
+        assert_eq!(url, "https://cam.b.taas.localhost:20001/x?y");
+        let c = Config::from_toml(
+            &format!("{redis}node = \"a\"\nredirect_host = \"address\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.node_url("cam", "b", "::1", 5, "/"), "https://[::1]:5/");
+    }
 
     #[test]
     fn defaults_are_valid_and_on_loopback() {

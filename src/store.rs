@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,13 +25,10 @@ use crate::error::{Error, Result};
 use crate::label;
 use crate::redis_link::RedisLink;
 use crate::sys::{
-    NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, unpoisoned,
-    write_private,
+    NOFOLLOW, create_private_dir, random_bytes, refuse_foreign_dir, refuse_symlink, write_private,
 };
 use crate::totp::{Algorithm, Totp};
 
-/// Redis connect, read and write timeout.
-pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// All the time one store call may take, waiting for the connection included
 /// (well inside `head_timeout`'s default of 10 s): a stalled Redis costs each
 /// registration at most this.
@@ -69,7 +65,7 @@ impl StoreSpec {
             return Ok(StoreSpec::File(PathBuf::from(path)));
         }
         if RedisLink::is_url(text) {
-            RedisLink::parse(text).map_err(|e| e.to_string())?;
+            RedisLink::parse(text, 1).map_err(|e| e.to_string())?;
             return Ok(StoreSpec::Redis(text.to_string()));
         }
         Err("expected file:PATH, redis://[:PASSWORD@]HOST:PORT[/DB] or \
@@ -81,7 +77,7 @@ impl StoreSpec {
     pub fn describe(&self) -> String {
         match self {
             StoreSpec::File(p) => format!("file:{}", p.display()),
-            StoreSpec::Redis(url) => match RedisLink::parse(url) {
+            StoreSpec::Redis(url) => match RedisLink::parse(url, 1) {
                 Ok(link) => format!("redis {}", link.describe()),
                 Err(_) => "redis".into(),
             },
@@ -485,118 +481,24 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
 
 /// Accounts in Redis, one key per ID.
 pub struct RedisStore {
-    /// Where Redis is (the password inside is never printed).
+    /// Where Redis is, and the store's one connection.
     link: RedisLink,
     /// `HOST:PORT` for messages (no password).
     addr: String,
-    /// The open connection, if any; dropped on error and re-opened on next use.
-    conn: Mutex<Option<redis::Connection>>,
-    /// Store calls waiting for or holding `conn` (at most `MAX_STORE_WAITERS`).
-    waiters: std::sync::atomic::AtomicUsize,
-}
-
-/// A place among the `MAX_STORE_WAITERS`, given back on drop.
-struct Waiter<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 impl RedisStore {
     /// A store for `url`; does not connect yet.
     pub fn new(url: &str) -> Result<RedisStore> {
-        let link = RedisLink::parse(url)?;
+        let link = RedisLink::parse(url, MAX_STORE_WAITERS)?;
         let addr = link.describe().to_string();
-        Ok(RedisStore {
-            link,
-            addr,
-            conn: Mutex::new(None),
-            waiters: std::sync::atomic::AtomicUsize::new(0),
-        })
+        Ok(RedisStore { link, addr })
     }
 
-    /// Runs `f` on a connection, connecting if needed; after a failure the
-    /// connection is dropped and `f` is tried once more on a new one. All of it
-    /// within `STORE_DEADLINE`; beyond `MAX_STORE_WAITERS` callers, `StoreBusy`
-    /// at once.
+    /// Runs `f` on the store's connection (`RedisLink::with`), within
+    /// `STORE_DEADLINE` and among at most `MAX_STORE_WAITERS` callers.
     fn with<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Result<T> {
-        use std::sync::atomic::Ordering;
-        let deadline = std::time::Instant::now() + STORE_DEADLINE;
-        if self.waiters.fetch_add(1, Ordering::SeqCst) >= MAX_STORE_WAITERS {
-            self.waiters.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::StoreBusy(MAX_STORE_WAITERS));
-        }
-        let _waiter = Waiter(&self.waiters);
-        let mut slot = loop {
-            match self.conn.try_lock() {
-                Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break unpoisoned(Err(p)),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    if std::time::Instant::now() >= deadline {
-                        return Err(Error::StoreUnavailable(format!(
-                            "redis {}: no answer to earlier requests within {} s",
-                            self.addr,
-                            STORE_DEADLINE.as_secs()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        };
-        let mut last = None;
-        for _attempt in 0..2 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let left = left.min(REDIS_TIMEOUT);
-            if let Some(conn) = slot.as_mut()
-                && (conn.set_read_timeout(Some(left)).is_err()
-                    || conn.set_write_timeout(Some(left)).is_err())
-            {
-                *slot = None;
-            }
-            if slot.is_none() {
-                match self.connect(left) {
-                    Ok(c) => *slot = Some(c),
-                    Err(e) => {
-                        last = Some(e);
-                        continue;
-                    }
-                }
-            }
-            let Some(conn) = slot.as_mut() else { continue };
-            match f(conn) {
-                Ok(v) => return Ok(v),
-                // The connection failed: a new one gets the command once more.
-                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
-                    *slot = None;
-                    last = Some(e);
-                }
-                // Redis answered with an error (WRONGTYPE, OOM, NOAUTH, ...): the
-                // connection is fine, and asking again would not help.
-                Err(e) => {
-                    if e.kind() == redis::ErrorKind::Parse {
-                        *slot = None;
-                    }
-                    return Err(Error::StoreUnavailable(format!("redis {}: {e}", self.addr)));
-                }
-            }
-        }
-        let why = last.map_or_else(
-            || format!("no answer within {} s", STORE_DEADLINE.as_secs()),
-            |e| e.to_string(),
-        );
-        Err(Error::StoreUnavailable(format!(
-            "redis {}: {why}",
-            self.addr
-        )))
-    }
-
-    fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        self.link.connect(timeout)
+        self.link.with(STORE_DEADLINE, f)
     }
 
     /// Where this store's Redis is (the shared directory opens its own
