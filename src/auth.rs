@@ -8,9 +8,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::directory::{self, Directory};
 use crate::error::{Error, Result};
 use crate::limits::source;
 use crate::store::{Account, Store};
@@ -93,6 +94,17 @@ enum Key {
     Trusted(IpAddr, String),
 }
 
+impl Key {
+    /// The same bucket in the shared directory.
+    fn bucket(&self) -> directory::Bucket<'_> {
+        match self {
+            Key::Addr(src) => directory::Bucket::Addr(*src),
+            Key::Id(id) => directory::Bucket::Id(id),
+            Key::Trusted(src, id) => directory::Bucket::Trusted(*src, id),
+        }
+    }
+}
+
 /// Failure buckets, bounded: a queue of keys, each due a whole refill period
 /// after it was queued (so in due order), prunes a few per failure (amortised
 /// O(1)): a refilled bucket is forgotten, another queued again. A new key at a
@@ -134,11 +146,14 @@ pub struct Guard {
     trusted: Mutex<HashMap<(IpAddr, String), Instant>>,
     /// Per ID: the last step accepted and the address it came from.
     last_step: Mutex<HashMap<String, (u64, IpAddr)>>,
+    /// When this relay is a node of several: budgets, trust and the replay
+    /// rule live in the shared directory instead of the fields above.
+    shared: Option<Arc<Directory>>,
 }
 
 impl Guard {
     /// A guard with `budget` failures refilling one per `refill`.
-    pub fn new(budget: u32, refill: Duration) -> Guard {
+    pub fn new(budget: u32, refill: Duration, shared: Option<Arc<Directory>>) -> Guard {
         Guard {
             budget: f64::from(budget),
             refill,
@@ -149,6 +164,7 @@ impl Guard {
             }),
             trusted: Mutex::new(HashMap::new()),
             last_step: Mutex::new(HashMap::new()),
+            shared,
         }
     }
 
@@ -164,7 +180,7 @@ impl Guard {
         let id = &creds.username;
         // The source's own budget always; then the ID's, or, for a source the
         // ID trusts, that source's budget for the ID.
-        let keys = if self.trusts(src, id) {
+        let keys = if self.trusts(src, id)? {
             [Key::Addr(src), Key::Trusted(src, id.clone())]
         } else {
             [Key::Addr(src), Key::Id(id.clone())]
@@ -172,22 +188,22 @@ impl Guard {
         self.check(&keys)?;
         let Some(account) = store.get(id)? else {
             // No entry for an ID that does not exist: the source pays alone.
-            self.fail(&keys[..1]);
+            self.fail(&keys[..1])?;
             return Err(Error::AuthFailed);
         };
         let totp = match account.totp() {
             Ok(t) => t,
             Err(e) => {
                 log::error!("account {}: unusable TOTP parameters: {e}", account.uuid);
-                self.fail(&keys);
+                self.fail(&keys)?;
                 return Err(Error::AuthFailed);
             }
         };
         let Some(step) = totp.verify(&creds.response, unix_time) else {
-            self.fail(&keys);
+            self.fail(&keys)?;
             return Err(Error::AuthFailed);
         };
-        if let Err(last) = self.accept_step(&account.uuid, step, src) {
+        if let Err(last) = self.accept_step(&account.uuid, step, src)? {
             // A right token, already used elsewhere: not a guess, so no budget
             // is spent; the next step's token will do.
             let next = (last + 1).saturating_mul(totp.step);
@@ -203,8 +219,72 @@ impl Guard {
         Ok(account)
     }
 
+    /// Did `src` authenticate as `id` within `TRUST_FOR` (at any node, when
+    /// the nodes share their state)?
+    fn trusts(&self, src: IpAddr, id: &str) -> Result<bool> {
+        match &self.shared {
+            Some(dir) => dir.trusts(src, id),
+            None => Ok(self.local_trusts(src, id)),
+        }
+    }
+
+    /// Notes a success; a shared note that cannot be written is logged (the
+    /// source is then a stranger at the other nodes, which fails closed).
+    fn trust(&self, src: IpAddr, id: &str) {
+        match &self.shared {
+            Some(dir) => {
+                if let Err(e) = dir.trust(src, id, TRUST_FOR) {
+                    log::warn!(
+                        "account {id}: success of {src} not shared with the other nodes: {e}"
+                    );
+                }
+            }
+            None => self.local_trust(src, id),
+        }
+    }
+
+    /// The replay rule (`local_accept_step`), across nodes when shared.
+    fn accept_step(
+        &self,
+        id: &str,
+        step: u64,
+        src: IpAddr,
+    ) -> Result<std::result::Result<(), u64>> {
+        match &self.shared {
+            Some(dir) => dir.accept_step(id, step, src),
+            None => Ok(self.local_accept_step(id, step, src)),
+        }
+    }
+
+    /// `Throttled` when any key's budget is spent (`local_check`); when the
+    /// nodes share budgets, asked of Redis, and an error when it cannot say.
+    fn check(&self, keys: &[Key]) -> Result<()> {
+        let Some(dir) = &self.shared else {
+            return self.local_check(keys);
+        };
+        for key in keys {
+            let wait = dir.bucket_wait(&key.bucket(), self.budget as u32, self.refill)?;
+            if wait > 0 {
+                return Err(Error::Throttled(Duration::from_millis(wait)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spends one failure from each key's budget (shared, when the nodes are).
+    fn fail(&self, keys: &[Key]) -> Result<()> {
+        let Some(dir) = &self.shared else {
+            self.local_fail(keys);
+            return Ok(());
+        };
+        for key in keys {
+            dir.bucket_spend(&key.bucket(), self.budget as u32, self.refill)?;
+        }
+        Ok(())
+    }
+
     /// Did `src` authenticate as `id` within `TRUST_FOR`?
-    fn trusts(&self, src: IpAddr, id: &str) -> bool {
+    fn local_trusts(&self, src: IpAddr, id: &str) -> bool {
         let trusted = lock(&self.trusted);
         trusted
             .get(&(src, id.to_string()))
@@ -212,7 +292,7 @@ impl Guard {
     }
 
     /// Notes a success of `src` as `id`.
-    fn trust(&self, src: IpAddr, id: &str) {
+    fn local_trust(&self, src: IpAddr, id: &str) {
         let mut trusted = lock(&self.trusted);
         if trusted.len() >= MAX_TRUSTED && !trusted.contains_key(&(src, id.to_string())) {
             // Rare (successes only): forget the expired, else trust no more.
@@ -227,7 +307,7 @@ impl Guard {
     /// The replay rule: a newer step is taken; the same step only from the same
     /// source (`limits::source`: an IPv6 address by its /64, as the throttle
     /// counts it); an older one never. A refusal gives the last accepted step.
-    fn accept_step(&self, id: &str, step: u64, peer: IpAddr) -> std::result::Result<(), u64> {
+    fn local_accept_step(&self, id: &str, step: u64, peer: IpAddr) -> std::result::Result<(), u64> {
         let mut table = lock(&self.last_step);
         match table.get(id) {
             Some(&(last, _)) if step < last => Err(last),
@@ -247,7 +327,7 @@ impl Guard {
 
     /// `Throttled` when any key's budget is spent, or when a key is not
     /// tracked and the table is full (fail closed).
-    fn check(&self, keys: &[Key]) -> Result<()> {
+    fn local_check(&self, keys: &[Key]) -> Result<()> {
         let mut buckets = lock(&self.buckets);
         let now = Instant::now();
         let full = buckets.map.len() >= MAX_TRACKED;
@@ -276,7 +356,7 @@ impl Guard {
     }
 
     /// Spends one failure from each key's budget.
-    fn fail(&self, keys: &[Key]) {
+    fn local_fail(&self, keys: &[Key]) {
         let mut buckets = lock(&self.buckets);
         let now = Instant::now();
         self.prune(&mut buckets, now, PRUNE_PER_FAILURE);
@@ -382,66 +462,66 @@ mod tests {
 
     #[test]
     fn replay_rule() {
-        let g = Guard::new(10, Duration::from_secs(6));
+        let g = Guard::new(10, Duration::from_secs(6), None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(g.accept_step("id", 100, a).is_ok());
+        assert!(g.local_accept_step("id", 100, a).is_ok());
         assert!(
-            g.accept_step("id", 100, a).is_ok(),
+            g.local_accept_step("id", 100, a).is_ok(),
             "same step, same address: burst allowed"
         );
         assert_eq!(
-            g.accept_step("id", 100, b),
+            g.local_accept_step("id", 100, b),
             Err(100),
             "same step, other address"
         );
-        assert_eq!(g.accept_step("id", 99, a), Err(100), "older step");
+        assert_eq!(g.local_accept_step("id", 99, a), Err(100), "older step");
         assert!(
-            g.accept_step("id", 101, b).is_ok(),
+            g.local_accept_step("id", 101, b).is_ok(),
             "newer step from anywhere"
         );
-        assert_eq!(g.accept_step("id", 101, a), Err(101));
+        assert_eq!(g.local_accept_step("id", 101, a), Err(101));
     }
 
     #[test]
     fn throttle_budget_and_refill() {
-        let g = Guard::new(3, Duration::from_millis(200));
+        let g = Guard::new(3, Duration::from_millis(200), None);
         let keys = [Key::Addr("10.0.0.1".parse().unwrap())];
         for _ in 0..3 {
-            assert!(g.check(&keys).is_ok());
-            g.fail(&keys);
+            assert!(g.local_check(&keys).is_ok());
+            g.local_fail(&keys);
         }
-        match g.check(&keys) {
+        match g.local_check(&keys) {
             Err(e @ Error::Throttled(_)) => assert_eq!(e.retry_after(), Some(1)),
             _ => panic!("expected Throttled"),
         }
         std::thread::sleep(Duration::from_millis(250));
-        assert!(g.check(&keys).is_ok(), "one failure refilled");
-        g.fail(&keys);
-        assert!(g.check(&keys).is_err());
+        assert!(g.local_check(&keys).is_ok(), "one failure refilled");
+        g.local_fail(&keys);
+        assert!(g.local_check(&keys).is_err());
     }
 
     #[test]
     fn a_trusted_source_is_not_held_back_by_strangers() {
-        let g = Guard::new(3, Duration::from_secs(60));
+        let g = Guard::new(3, Duration::from_secs(60), None);
         let owner: IpAddr = "10.0.0.1".parse().unwrap();
         let id = "id".to_string();
         g.trust(owner, &id);
-        assert!(g.trusts(owner, &id));
+        assert!(g.local_trusts(owner, &id));
         // Strangers from many addresses spend the ID's budget…
         for i in 0..3u8 {
             let stranger = IpAddr::from([10, 1, 0, i]);
-            g.fail(&[Key::Addr(stranger), Key::Id(id.clone())]);
+            g.local_fail(&[Key::Addr(stranger), Key::Id(id.clone())]);
         }
         let another = IpAddr::from([10, 1, 0, 9]);
-        assert!(g.check(&[Key::Addr(another), Key::Id(id.clone())]).is_err());
+        assert!(g.local_check(&[Key::Addr(another), Key::Id(id.clone())]).is_err());
         // …but the owner's own budget is untouched.
-        assert!(g.check(&[Key::Trusted(owner, id.clone())]).is_ok());
+        assert!(g.local_check(&[Key::Trusted(owner, id.clone())]).is_ok());
         for _ in 0..3 {
-            g.fail(&[Key::Trusted(owner, id.clone())]);
+            g.local_fail(&[Key::Trusted(owner, id.clone())]);
         }
         assert!(
-            g.check(&[Key::Trusted(owner, id)]).is_err(),
+            g.local_check(&[Key::Trusted(owner, id)]).is_err(),
             "its own budget"
         );
     }
@@ -450,29 +530,29 @@ mod tests {
     fn a_full_table_fails_closed_and_refilled_keys_are_pruned() {
         let fill = |g: &Guard| {
             for i in 0..MAX_TRACKED as u32 {
-                g.fail(&[Key::Addr(IpAddr::from(i.to_be_bytes()))]);
+                g.local_fail(&[Key::Addr(IpAddr::from(i.to_be_bytes()))]);
             }
         };
         let newcomer = [Key::Addr("192.0.2.1".parse().unwrap())];
         // Nothing refills within the test: a new key is refused, not let through,
         // and a tracked key is still throttled by its own bucket.
-        let slow = Guard::new(2, Duration::from_secs(3600));
+        let slow = Guard::new(2, Duration::from_secs(3600), None);
         fill(&slow);
-        assert!(matches!(slow.check(&newcomer), Err(Error::Throttled(_))));
+        assert!(matches!(slow.local_check(&newcomer), Err(Error::Throttled(_))));
         let tracked = [Key::Addr(IpAddr::from(7u32.to_be_bytes()))];
-        assert!(slow.check(&tracked).is_ok(), "one failure of two spent");
-        slow.fail(&tracked);
-        assert!(slow.check(&tracked).is_err());
+        assert!(slow.local_check(&tracked).is_ok(), "one failure of two spent");
+        slow.local_fail(&tracked);
+        assert!(slow.local_check(&tracked).is_err());
         // Buckets that refilled are forgotten, and the newcomer is tracked again.
-        let quick = Guard::new(1, Duration::from_millis(1));
+        let quick = Guard::new(1, Duration::from_millis(1), None);
         fill(&quick);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while quick.check(&newcomer).is_err() && Instant::now() < deadline {
+        while quick.local_check(&newcomer).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(quick.check(&newcomer).is_ok());
+        assert!(quick.local_check(&newcomer).is_ok());
         assert!(lock(&quick.buckets).map.len() < MAX_TRACKED);
-        quick.fail(&newcomer);
+        quick.local_fail(&newcomer);
         assert!(lock(&quick.buckets).map.contains_key(&newcomer[0]));
     }
 }

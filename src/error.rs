@@ -124,6 +124,14 @@ pub enum Error {
     /// Too many requests are waiting on the account store already; the value is
     /// how many may wait.
     StoreBusy(usize),
+    /// This node's clock is off from Redis's by more than a TOTP step: its
+    /// tokens and steps cannot be compared with the other nodes'.
+    ClockOff {
+        /// The node.
+        node: String,
+        /// Local clock minus Redis's, in ms.
+        off_ms: i64,
+    },
     /// A request head is malformed; the text says how.
     BadRequest(String),
     /// The peer closed before the end of its request head (a client that gave
@@ -242,6 +250,7 @@ impl Error {
             Error::Redirect(_) => 307,
             Error::StoreUnavailable(_)
             | Error::StoreBusy(_)
+            | Error::ClockOff { .. }
             | Error::NoFreePort
             | Error::NoResponder(_)
             | Error::FixedPortUnavailable { .. }
@@ -261,7 +270,7 @@ impl Error {
             // The original steward waits 15 s after any 503; a full pool frees
             // a place only when a responder is paired or dies.
             Error::PoolFull { .. } => Some(POOL_FULL_RETRY),
-            Error::FixedPortUnavailable { .. } => Some(30),
+            Error::FixedPortUnavailable { .. } | Error::ClockOff { .. } => Some(30),
             Error::NoFreePort | Error::NoResponder(_) | Error::StoreBusy(_) => Some(1),
             _ => None,
         }
@@ -344,6 +353,11 @@ impl fmt::Display for Error {
             Error::BadAccount { id, reason } => write!(f, "account {id}: {reason}"),
             Error::StoreUnavailable(why) => write!(f, "account store unreachable: {why}"),
             Error::StoreBusy(n) => write!(f, "account store busy: {n} requests wait on it already"),
+            Error::ClockOff { node, off_ms } => write!(
+                f,
+                "node {node}: clock {:.1} s off from Redis's (at most 30 s): registrations refused",
+                *off_ms as f64 / 1000.0
+            ),
             Error::BadRequest(why) => write!(f, "bad request: {why}"),
             Error::ClosedEarly => write!(
                 f,

@@ -129,6 +129,9 @@ pub struct Label {
     /// The fixed rendezvous port (`LABEL:PORT`), as the last registration's
     /// account said.
     fixed_port: Mutex<Option<u16>>,
+    /// Told the label's name when its pool goes between empty and not (a
+    /// node's directory publishes that at once).
+    edges: Option<Sender<String>>,
 }
 
 /// A plug counted against its label's `max_waiting`, until dropped.
@@ -200,6 +203,15 @@ impl Label {
             plugs: AtomicUsize::new(0),
             last_active: Mutex::new(None),
             fixed_port: Mutex::new(None),
+            edges: None,
+        }
+    }
+
+    /// Tells `edges` (if any) that the pool went between empty and not; never
+    /// waits (a full channel drops it: the next heartbeat catches up).
+    fn edge(&self) {
+        if let Some(tx) = &self.edges {
+            let _ = tx.try_send(self.name.clone());
         }
     }
 
@@ -222,11 +234,17 @@ impl Label {
         self.touch();
         let mut evicted = None;
         let mut item = responder;
+        let was_empty = self.rx.is_empty();
         // Two rounds suffice: only this lock's holder adds, so after one eviction
         // there is room unless the capacity is zero (never: max_waiting >= 1).
         for _ in 0..2 {
             match self.tx.try_send(item) {
-                Ok(()) => return evicted,
+                Ok(()) => {
+                    if was_empty {
+                        self.edge();
+                    }
+                    return evicted;
+                }
                 Err(TrySendError::Full(back)) => {
                     item = back;
                     if let Ok(old) = self.rx.try_recv() {
@@ -248,6 +266,9 @@ impl Label {
             match self.rx.recv_timeout(left) {
                 Ok(r) if r.is_alive() => {
                     self.touch();
+                    if self.rx.is_empty() {
+                        self.edge();
+                    }
                     return Some(r);
                 }
                 Ok(r) => log::info!("{}: dropped dead responder {}", self.name, r.peer),
@@ -280,6 +301,9 @@ impl Label {
         }
         if found.is_some() {
             self.touch();
+            if self.rx.is_empty() {
+                self.edge();
+            }
         }
         found
     }
@@ -287,8 +311,12 @@ impl Label {
     /// Drops dead responders, keeping the order of the live; returns how many wait.
     pub fn prune(&self) -> usize {
         let _guard = lock(&self.push_lock);
+        let before = self.rx.len();
         let live: Vec<Responder> = self.rx.try_iter().filter(Responder::is_alive).collect();
         let n = live.len();
+        if n == 0 && before > 0 {
+            self.edge();
+        }
         for r in live {
             // Room is certain: these were just taken out and pushes are locked out.
             let _ = self.tx.try_send(r);
@@ -303,7 +331,11 @@ impl Label {
 
     /// Closes every waiting responder (shutdown).
     pub fn clear(&self) {
+        let before = self.rx.len();
         while self.rx.try_recv().is_ok() {}
+        if before > 0 {
+            self.edge();
+        }
     }
 
     /// Remembers that `mobile` was sent to the rendezvous port for `path`.
@@ -353,14 +385,18 @@ pub struct Labels {
     map: Mutex<HashMap<String, Arc<Label>>>,
     /// Pool capacity for new labels.
     max_waiting: usize,
+    /// Given to every label (`Label::edges`).
+    edges: Option<Sender<String>>,
 }
 
 impl Labels {
-    /// An empty table.
-    pub fn new(max_waiting: usize) -> Labels {
+    /// An empty table; each label tells `edges` when its pool goes between
+    /// empty and not.
+    pub fn new(max_waiting: usize, edges: Option<Sender<String>>) -> Labels {
         Labels {
             map: Mutex::new(HashMap::new()),
             max_waiting,
+            edges,
         }
     }
 
@@ -369,7 +405,11 @@ impl Labels {
     pub fn get_or_create(&self, name: &str) -> Arc<Label> {
         let mut map = lock(&self.map);
         map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Label::new(name, self.max_waiting)))
+            .or_insert_with(|| {
+                let mut label = Label::new(name, self.max_waiting);
+                label.edges = self.edges.clone();
+                Arc::new(label)
+            })
             .clone()
     }
 

@@ -44,6 +44,9 @@ pub fn handle(
             return Err(Error::Limit("draining"));
         }
         let name = label::validate(name)?;
+        if let Some(dir) = &shared.directory {
+            dir.clock_ok()?;
+        }
         let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
         let fixed = account.fixed_port(&name);
@@ -72,11 +75,7 @@ pub fn handle(
         }
         let name = label::validate(name)?;
         authorize(shared, head, peer, &name)?;
-        let list = shared
-            .labels
-            .get(&name)
-            .map(|l| l.pairings())
-            .unwrap_or_default();
+        let list = pairings(shared, &name);
         let body =
             serde_json::to_vec(&list).map_err(|e| Error::Encode(format!("pairings: {e}")))?;
         let mut r = Response::text(200, "");
@@ -86,6 +85,34 @@ pub fn handle(
         Ok(r)
     } else {
         Err(Error::NotFound)
+    }
+}
+
+/// The label's last pairings, oldest first: of every node when this relay is
+/// one of several (this node's own when Redis cannot say).
+fn pairings(shared: &Shared, name: &str) -> Vec<serde_json::Value> {
+    let here = || {
+        shared
+            .labels
+            .get(name)
+            .map(|l| l.pairings())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| serde_json::to_value(p).ok())
+            .collect()
+    };
+    let Some(dir) = &shared.directory else {
+        return here();
+    };
+    match dir.pairings(name) {
+        Ok(list) => list
+            .iter()
+            .filter_map(|text| serde_json::from_str(text).ok())
+            .collect(),
+        Err(e) => {
+            log::warn!("pairings of {name}: this node's only ({e})");
+            here()
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -41,19 +42,24 @@ pub fn redirect(
     head: &Head,
     peer: SocketAddr,
 ) -> Result<Response> {
-    let label = shared
-        .labels
-        .get(&name)
-        .ok_or_else(|| Error::NoResponder(name.clone()))?;
-    if label.prune() == 0 && !label.active_within(shared.config.pair_wait) {
-        return Err(Error::NoResponder(name));
-    }
-    let port = port_for(shared, &label)?;
     let target = if head.target.starts_with('/') {
         head.target.as_str()
     } else {
         "/"
     };
+    let label = shared.labels.get(&name);
+    let waiting_here = label.as_ref().map_or(0, |l| l.prune());
+    // Local responders always win; else another node's, when it has some.
+    if waiting_here == 0
+        && let Some(r) = elsewhere(shared, &name, target, peer)
+    {
+        return Ok(r);
+    }
+    let label = label.ok_or_else(|| Error::NoResponder(name.clone()))?;
+    if waiting_here == 0 && !label.active_within(shared.config.pair_wait) {
+        return Err(Error::NoResponder(name));
+    }
+    let port = port_for(shared, &label)?;
     label.remember_redirect(peer.ip(), target);
     let mut r = Response::text(307, "");
     r.headers.push((
@@ -62,6 +68,35 @@ pub fn redirect(
     ));
     r.note = format!("rendezvous {port}");
     Ok(r)
+}
+
+/// A cross-node 307 for `name` to another node with responders waiting
+/// (docs/PROTOCOL.md section 6), when this relay is a node and may give one:
+/// the path is stored for that node first, so its pairing keeps it.
+fn elsewhere(shared: &Shared, name: &str, target: &str, peer: SocketAddr) -> Option<Response> {
+    let dir = shared.directory.as_ref()?;
+    if !shared.config.cross_node_redirects {
+        return None;
+    }
+    let remote = dir.pick(name)?;
+    if let Err(e) = dir.remember_path(name, peer.ip(), target) {
+        // The pairing there will show an empty path; the mobile still gets in.
+        log::warn!(
+            "{name}: path of {peer}'s 307 to node {} not stored: {e}",
+            remote.node
+        );
+    }
+    dir.counters.redirects_given.fetch_add(1, Ordering::Relaxed);
+    let mut r = Response::text(307, "");
+    let url = shared
+        .config
+        .node_url(name, &remote.node, &remote.host, remote.offer.port, target);
+    r.headers.push(("Location", url));
+    r.note = format!(
+        "node {} rendezvous {} ({} waiting there)",
+        remote.node, remote.offer.port, remote.offer.waiting
+    );
+    Some(r)
 }
 
 /// The label's rendezvous port, opened if needed, and marked used: its fixed
@@ -217,6 +252,42 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
     }
 }
 
+/// The path of the 307 that sent `peer` here: one this node gave, else one
+/// another node gave (read once from the directory), else "" (a direct
+/// connection).
+fn path_of(shared: &Shared, label: &Label, peer: SocketAddr) -> String {
+    let here = label.redirect_path(peer.ip());
+    if !here.is_empty() {
+        return here;
+    }
+    let Some(dir) = &shared.directory else {
+        return here;
+    };
+    match dir.take_path(&label.name, peer.ip()) {
+        Some(path) => {
+            dir.counters
+                .redirects_received
+                .fetch_add(1, Ordering::Relaxed);
+            path
+        }
+        None => here,
+    }
+}
+
+/// A connection that never paired: counted as a stale redirect when another
+/// node had sent it here (its offer was out of date).
+fn unpaired(shared: &Shared, label: &Label, peer: SocketAddr) {
+    if let Some(dir) = &shared.directory
+        && dir.take_path(&label.name, peer.ip()).is_some()
+    {
+        dir.counters.stale_redirects.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "{}: {peer} was sent here by another node and never paired",
+            label.name
+        );
+    }
+}
+
 /// Pairs one mobile connection once it has something to relay, and relays it
 /// to the end: at once with the oldest responder that already spoke (its
 /// octets wait at the relay), else with the oldest responder when the mobile's
@@ -257,7 +328,7 @@ fn pair(
                 PeerState::Speaking => {}
                 PeerState::Gone => {
                     log::info!("{}: {peer} left without sending anything", label.name);
-                    return;
+                    return unpaired(shared, label, peer);
                 }
                 PeerState::Quiet => {
                     log::info!(
@@ -267,7 +338,7 @@ fn pair(
                         limit.as_secs_f64()
                     );
                     shared.metrics.refused(Limit::FirstOctetTimeout);
-                    return;
+                    return unpaired(shared, label, peer);
                 }
             }
             let taken = match label.take(Duration::ZERO) {
@@ -285,7 +356,7 @@ fn pair(
                     shared.config.pair_wait.as_secs_f64()
                 );
                 shared.metrics.refused(Limit::PairWait);
-                return;
+                return unpaired(shared, label, peer);
             };
             (
                 r,
@@ -311,7 +382,7 @@ fn pair(
     let record = Pairing {
         responder: pool::ip_port(responder.peer),
         initiator: pool::ip_port(peer),
-        pathname: label.redirect_path(peer.ip()),
+        pathname: path_of(shared, label, peer),
         timestamp: now_millis(),
     };
     log::info!(
@@ -320,6 +391,12 @@ fn pair(
         responder.peer,
         loggable_target(&record.pathname)
     );
+    if let Some(dir) = &shared.directory
+        && let Ok(json) = serde_json::to_string(&record)
+        && let Err(e) = dir.record_pairing(&label.name, &json)
+    {
+        log::warn!("pair {}: not recorded for the other nodes: {e}", label.name);
+    }
     label.record(record);
     shared.metrics.pair_opened();
     let started = Instant::now();

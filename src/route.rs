@@ -1,5 +1,6 @@
 //! Where a request on the well-known port goes, by its `Host` (docs/PROTOCOL.md
-//! section 2): the registrar, or a label under `servers_domain`.
+//! section 2): the registrar, or a label under `servers_domain` (or under
+//! `NODE.servers_domain`, this node's own name for it).
 //!
 //! Invariants: matching is case-insensitive and ignores a `:port` and a trailing
 //! dot; a label is returned only validated and in lower case; anything else is
@@ -35,10 +36,16 @@ pub fn route(host: Option<&str>, config: &Config) -> Result<Route> {
     if name == config.registrar_name {
         return Ok(Route::Registrar);
     }
-    if let Some(label) = name.strip_suffix(&format!(".{}", config.servers_domain))
-        && let Ok(label) = label::validate(label)
-    {
-        return Ok(Route::Label(label));
+    if let Some(label) = name.strip_suffix(&format!(".{}", config.servers_domain)) {
+        // `LABEL.NODE.servers_domain`, this node's name for a label (what a
+        // cross-node 307 names), is the label too.
+        let label = match &config.node {
+            Some(node) => label.strip_suffix(&format!(".{node}")).unwrap_or(label),
+            None => label,
+        };
+        if let Ok(label) = label::validate(label) {
+            return Ok(Route::Label(label));
+        }
     }
     Err(Error::MisdirectedHost(host.chars().take(100).collect()))
 }
@@ -79,5 +86,14 @@ mod tests {
             );
         }
         assert!(matches!(route(None, &c), Err(Error::BadRequest(_))));
+        let c = Config {
+            node: Some("b".into()),
+            ..Config::default()
+        };
+        assert_eq!(
+            route(Some("cam.b.taas.localhost"), &c).unwrap(),
+            Route::Label("cam".into())
+        );
+        assert!(route(Some("cam.c.taas.localhost"), &c).is_err());
     }
 }

@@ -24,16 +24,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::error::{Error, Result};
 use crate::http::{self, DeadlineStream, Head, Response, Serving, WRITE_TIMEOUT};
 use crate::limits::Limit;
 use crate::logging::{escape, loggable_target};
+use crate::node::Node;
 use crate::registrar;
 use crate::rendezvous;
 use crate::route::{Route, route};
 use crate::state::{Shared, Snapshot};
 use crate::status;
-use crate::store::Store;
+use crate::store::{Store, StoreSpec};
 use crate::sys::{CONN_STACK, SMALL_STACK, lock, spawn, wake};
 use crate::tls;
 
@@ -66,6 +68,8 @@ pub struct Server {
     status: Mutex<Option<Serving>>,
     /// Its address.
     status_addr: Option<SocketAddr>,
+    /// The node's threads, when `node` is set.
+    node: Mutex<Option<Node>>,
 }
 
 impl Server {
@@ -78,7 +82,14 @@ impl Server {
         };
         let addr = SocketAddr::new(config.bind_host, config.port);
         let (listener, local_addr) = http::bind("the well-known port", addr)?;
-        let shared = Arc::new(Shared::new(config, store));
+        let directory = match (&config.node, &config.store) {
+            (Some(node), StoreSpec::Redis(url)) => {
+                Some(Arc::new(Directory::join(url, node, &config.public_host)?))
+            }
+            _ => None,
+        };
+        let shared = Arc::new(Shared::new(config, store, directory));
+        let node = Node::start(&shared)?;
         let (s, t) = (shared.clone(), tls.clone());
         let accept = spawn("accept", SMALL_STACK, move || accept_loop(&s, &listener, t))
             .map_err(|e| Error::io("spawn thread", e))?;
@@ -99,6 +110,7 @@ impl Server {
             None => None,
         };
         Ok(Server {
+            node: Mutex::new(node),
             status_addr: status.as_ref().map(Serving::local_addr),
             status: Mutex::new(status),
             shared,
@@ -154,6 +166,15 @@ impl Server {
     /// Stops accepting, closes rendezvous ports and waiting responders, lets live
     /// pairs run up to `grace`, then shuts them down. Returns when done.
     pub fn shutdown(&self, grace: Duration) {
+        // A node first withdraws its offers, then keeps its ports for
+        // `pair_wait` (mobiles sent here just before are still paired).
+        let node = lock(&self.node).take();
+        if let (Some(node), Some(dir)) = (node, &self.shared.directory) {
+            node.stop(dir);
+            if !grace.is_zero() {
+                thread::sleep(self.shared.config.pair_wait.min(grace));
+            }
+        }
         if !self.shared.stop() {
             return;
         }

@@ -15,8 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crossbeam_channel::{Receiver, bounded};
+
 use crate::auth::Guard;
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::error::{Error, Result};
 use crate::limits::{Limit, PerAddress, RefusalLog, Slot};
 use crate::metrics::Metrics;
@@ -46,7 +49,16 @@ pub struct Shared {
     refusals: RefusalLog,
     /// When the relay started.
     started: Instant,
+    /// The shared directory, when this relay is a node of several (`node`).
+    pub(crate) directory: Option<Arc<Directory>>,
+    /// Labels whose pool went between empty and not (the node's heartbeat
+    /// thread publishes them at once); with `directory` only.
+    pub(crate) edges: Option<Receiver<String>>,
 }
+
+/// Pool edges queued for the directory before the oldest is dropped (the
+/// next heartbeat re-writes everything anyway).
+const MAX_EDGES: usize = 1024;
 
 /// A pair's two sockets, shared with its relay thread.
 type PairSockets = (Arc<TcpStream>, Arc<TcpStream>);
@@ -151,11 +163,18 @@ impl Snapshot {
 
 impl Shared {
     /// The state of a relay about to start.
-    pub fn new(config: Config, store: Store) -> Shared {
+    pub fn new(config: Config, store: Store, directory: Option<Arc<Directory>>) -> Shared {
         let c = &config;
+        let (edges_tx, edges) = match directory {
+            Some(_) => {
+                let (tx, rx) = bounded(MAX_EDGES);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         Shared {
-            guard: Guard::new(c.auth_fail_budget, c.auth_fail_refill),
-            labels: Labels::new(c.max_waiting),
+            guard: Guard::new(c.auth_fail_budget, c.auth_fail_refill, directory.clone()),
+            labels: Labels::new(c.max_waiting, edges_tx),
             pairs: Pairs {
                 next: AtomicU64::new(0),
                 live: Mutex::new(HashMap::new()),
@@ -174,6 +193,8 @@ impl Shared {
             started: Instant::now(),
             store,
             config,
+            directory,
+            edges,
         }
     }
 
@@ -259,6 +280,10 @@ impl Shared {
             .into_iter()
             .map(|l| (l.name, l.waiting))
             .collect();
-        self.metrics.render(&waiting, snap.pairs_active)
+        let mut text = self.metrics.render(&waiting, snap.pairs_active);
+        if let Some(dir) = &self.directory {
+            text.push_str(&dir.metrics_text());
+        }
+        text
     }
 }

@@ -80,8 +80,10 @@ fn status_json(shared: &Shared) -> String {
         .iter()
         .map(|l| serde_json::json!({ "label": l.name, "waiting": l.waiting }))
         .collect();
+    let node = shared.directory.as_ref().map(|d| d.status());
     serde_json::json!({
         "version": crate::version(),
+        "node": node,
         "uptime_seconds": snap.uptime_seconds,
         "labels": labels,
         // The same figure as /metrics' taas_pairs_active: pairs relaying now.

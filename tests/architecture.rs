@@ -25,10 +25,22 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "core",
-        &["auth", "config", "metrics", "pool", "store", "tls"],
+        &[
+            "auth",
+            "config",
+            "directory",
+            "metrics",
+            "pool",
+            "store",
+            "tls",
+        ],
     ),
     ("state", &["state"]),
     ("steps", &["plug", "rendezvous", "route", "status"]),
+    (
+        "steps: the node's heartbeat, above the rendezvous",
+        &["node"],
+    ),
     ("steps: the registrar, above the plug", &["registrar"]),
     ("the relay process", &["server"]),
     ("operator tools", &["admin", "agent", "cert", "provision"]),

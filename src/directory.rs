@@ -1,0 +1,945 @@
+//! The shared directory of several relays ("nodes") on one Redis
+//! (docs/PROTOCOL.md section 6): which node has responders waiting for which
+//! label, the path a cross-node 307 was given for, the pairings of every node,
+//! and the security state (replay rule, failure budgets, trusted sources) that
+//! must hold across nodes.
+//!
+//! Keys (a label's and an ID's keys share one hash tag, so each would live in
+//! one Redis Cluster slot):
+//!
+//! | key | type | written by | dies |
+//! | --- | --- | --- | --- |
+//! | `taas:{LABEL}:nodes` | hash NODE → entry JSON (`boot`, `host`, `port`, `waiting`, `until`) | each node its own field | its `until` passes (readers skip it; writers drop passed fields); the key by TTL |
+//! | `taas:{LABEL}:path:IP` | string: the path of the 307 given to IP | the node that gave it | `PATH_TTL`, or read once |
+//! | `taas:{LABEL}:pairings` | list of pairing JSON, newest first | the pairing node | kept to `MAX_PAIRINGS` |
+//! | `taas:node:{NODE}` | string: the node's record (`boot`, `host`, its offers) | that node | `TTL` |
+//! | `taas:node:{NODE}:boot` | counter | that node, once per start | never |
+//! | `taas:nodes` | sorted set NODE → until (ms) | each node its own member | readers skip passed members; writers drop them |
+//! | `taas:nodes:known` | set of every node name that ever joined | each node | never (label certificates name them) |
+//! | `taas:{ID}:step`, `taas:{ID}:trust:SRC`, `taas:{ID}:fail`, `taas:{ID}:fail:SRC`, `taas:addr:{SRC}:fail` | replay rule, trust, budgets | any node, in one script each | by TTL |
+//!
+//! Every change is also published on `CHANNEL`; every node re-reads the whole
+//! directory on each heartbeat and after a reconnect, so a lost message costs
+//! at most one heartbeat. Times inside Redis are Redis's own (`TIME` in the
+//! scripts), so node clocks only matter to TOTP, which `clock_off` checks.
+//!
+//! Invariants: a node writes only its own entries, and they die by their
+//! `until` or TTL unless refreshed; another node's entry is never deleted
+//! while alive; a node's entries from an earlier boot are ignored; a request
+//! thread waits on Redis at most `SHORT_READ` for a lookup and
+//! `SECURITY_DEADLINE` for a security check, and a failed security check is
+//! an error (the registrar answers 503: fail closed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::redis_link::RedisLink;
+use crate::sys::{lock, now_millis, random_bytes};
+
+/// How often a node re-writes its entries and re-reads everyone's.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long an entry lives unless refreshed: three heartbeats.
+pub const TTL: Duration = Duration::from_secs(6);
+/// The longest a mobile request waits for a directory read (a cache miss).
+pub const SHORT_READ: Duration = Duration::from_millis(300);
+/// The longest a registration waits for a shared security check.
+pub const SECURITY_DEADLINE: Duration = Duration::from_secs(2);
+/// How long the path of a cross-node 307 is kept for the pairing node.
+pub const PATH_TTL: Duration = Duration::from_secs(30);
+/// Pairings kept per label across nodes.
+pub const MAX_PAIRINGS: usize = 100;
+/// The pub/sub channel of directory changes.
+pub const CHANNEL: &str = "taas:directory";
+/// Live nodes (sorted set: node → until, in Redis's milliseconds).
+pub const NODES: &str = "taas:nodes";
+/// Every node name that ever joined.
+pub const KNOWN: &str = "taas:nodes:known";
+/// The largest clock difference from Redis a node registers with: one TOTP
+/// step (a token is good for its step, and the replay rule compares steps
+/// across nodes).
+pub const MAX_CLOCK_OFF: Duration = Duration::from_secs(30);
+/// Request threads that may wait on the directory's connection at once.
+const MAX_WAITERS: usize = 32;
+
+/// What a node offers for one label: its rendezvous port and how many wait.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The label's rendezvous port there.
+    pub port: u16,
+    /// Responders waiting there.
+    pub waiting: usize,
+}
+
+/// Another node's offer, as this node knows it.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// The node's name.
+    pub node: String,
+    /// Its `public_host`.
+    pub host: String,
+    /// Its offer.
+    pub offer: Offer,
+    /// The node's boot number the offer came with.
+    boot: u64,
+    /// When the offer dies here unless refreshed.
+    until: Instant,
+}
+
+/// A node's record (`taas:node:{NODE}`).
+#[derive(Serialize, Deserialize)]
+struct NodeRecord {
+    boot: u64,
+    host: String,
+    offers: BTreeMap<String, Offer>,
+}
+
+/// One field of `taas:{LABEL}:nodes`, and a published change's body.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    boot: u64,
+    host: String,
+    port: u16,
+    waiting: usize,
+    /// Redis milliseconds (set by the script).
+    #[serde(default)]
+    until: u64,
+}
+
+/// A published change: `offer` absent when the node withdrew the label.
+#[derive(Serialize, Deserialize)]
+struct Change {
+    node: String,
+    boot: u64,
+    host: String,
+    label: String,
+    offer: Option<Offer>,
+}
+
+/// The other nodes' offers, by label then node, and the peers seen.
+#[derive(Default)]
+struct Cache {
+    offers: HashMap<String, HashMap<String, Remote>>,
+    /// Node → (host, boot, until).
+    peers: BTreeMap<String, (String, u64, Instant)>,
+}
+
+/// Counters for `/metrics` and `/status`.
+#[derive(Default)]
+pub struct Counters {
+    /// Cross-node 307s this node gave.
+    pub redirects_given: AtomicU64,
+    /// Pairings here of mobiles another node sent (their path came from Redis).
+    pub redirects_received: AtomicU64,
+    /// Connections here that never paired though another node sent them.
+    pub stale_redirects: AtomicU64,
+}
+
+/// This node's view of the shared directory, and its way to write its part.
+pub struct Directory {
+    /// This node's name.
+    pub node: String,
+    /// This node's `public_host`.
+    pub host: String,
+    /// This start's boot number (`taas:node:{NODE}:boot`).
+    pub boot: u64,
+    /// Request threads' connection (lookups, paths, pairings, security).
+    link: RedisLink,
+    /// The heartbeat's connection (its own, so a slow request never delays it).
+    beat: RedisLink,
+    /// A second copy of the URL's client for the subscriber.
+    sub: RedisLink,
+    /// The other nodes' offers.
+    cache: Mutex<Cache>,
+    /// What this node last wrote, by label.
+    own: Mutex<BTreeMap<String, Offer>>,
+    /// Did the last heartbeat reach Redis?
+    up: AtomicBool,
+    /// Local clock minus Redis's `TIME`, in ms (last heartbeat).
+    clock_off_ms: AtomicI64,
+    /// The counters.
+    pub counters: Counters,
+}
+
+/// Writes one label's entry of this node: sets the field with its `until`
+/// from Redis's clock, drops fields whose `until` has passed, keeps the key
+/// alive as long as its longest-lived field. KEYS: the label's hash.
+/// ARGV: node, entry JSON without `until`, TTL ms.
+const SET_ENTRY: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local e = cjson.decode(ARGV[2])
+e['until'] = now + ttl
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(e))
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local ok, f = pcall(cjson.decode, all[i + 1])
+  if not ok or type(f) ~= 'table' or (tonumber(f['until']) or 0) < now then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return now
+";
+
+/// The live fields of a label's hash, with Redis's time. KEYS: the hash.
+const GET_ENTRIES: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {now, redis.call('HGETALL', KEYS[1])}
+";
+
+/// Joins the live-node set and drops members whose time has passed; returns
+/// Redis's time and the live members. KEYS: `NODES`, `KNOWN`. ARGV: node,
+/// TTL ms (0: leave).
+const BEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
+";
+
+/// A token bucket, in Redis's time. KEYS: the bucket. ARGV: budget, refill
+/// ms, spend (0: only look). Returns the ms to wait before one more try is
+/// allowed (0: allowed now).
+const BUCKET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local budget = tonumber(ARGV[1])
+local refill = tonumber(ARGV[2])
+local spend = tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'left', 'at')
+local left = tonumber(b[1])
+local at = tonumber(b[2])
+if left == nil or at == nil then
+  left = budget
+else
+  left = math.min(budget, left + (now - at) / refill)
+end
+if spend == 0 then
+  if left < 1 then return math.ceil((1 - left) * refill) end
+  return 0
+end
+left = left - spend
+redis.call('HSET', KEYS[1], 'left', tostring(left), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((budget - left) * refill) + 1000)
+return 0
+";
+
+/// The replay rule: a newer step is taken, the same step only from the same
+/// source, an older one never. KEYS: `taas:{ID}:step`. ARGV: step, source,
+/// TTL s. Returns -1 when taken, else the last accepted step.
+const ACCEPT_STEP: &str = r"
+local v = redis.call('GET', KEYS[1])
+local step = tonumber(ARGV[1])
+if v then
+  local sp = string.find(v, ' ')
+  local last = tonumber(string.sub(v, 1, sp - 1))
+  local src = string.sub(v, sp + 1)
+  if step < last then return last end
+  if step == last and src ~= ARGV[2] then return last end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+return -1
+";
+
+/// Milliseconds of Redis's clock from a script's first value.
+fn redis_ms(v: &redis::Value) -> Option<u64> {
+    match v {
+        redis::Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// One failed-authentication bucket, as the guard names it.
+pub enum Bucket<'a> {
+    /// A source's own budget.
+    Addr(IpAddr),
+    /// An ID's budget, spent by strangers.
+    Id(&'a str),
+    /// A trusted source's budget for an ID.
+    Trusted(IpAddr, &'a str),
+}
+
+impl Bucket<'_> {
+    fn key(&self) -> String {
+        match self {
+            Bucket::Addr(src) => format!("taas:addr:{{{src}}}:fail"),
+            Bucket::Id(id) => format!("taas:{{{id}}}:fail"),
+            Bucket::Trusted(src, id) => format!("taas:{{{id}}}:fail:{src}"),
+        }
+    }
+}
+
+impl Directory {
+    /// Joins the directory of the Redis at `url` as `node` with `host`: takes
+    /// a new boot number. Fails when Redis cannot be reached (the relay does
+    /// not start half-joined).
+    pub fn join(url: &str, node: &str, host: &str) -> Result<Directory> {
+        let link = RedisLink::parse(url, MAX_WAITERS)?;
+        let boot_key = format!("taas:node:{{{node}}}:boot");
+        let boot: u64 = link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("INCR").arg(&boot_key).query(c)
+        })?;
+        Ok(Directory {
+            node: node.to_string(),
+            host: host.to_string(),
+            boot,
+            link,
+            beat: RedisLink::parse(url, 1)?,
+            sub: RedisLink::parse(url, 1)?,
+            cache: Mutex::new(Cache::default()),
+            own: Mutex::new(BTreeMap::new()),
+            up: AtomicBool::new(true),
+            clock_off_ms: AtomicI64::new(0),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Did the last heartbeat reach Redis?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Local clock minus Redis's, in ms, as of the last heartbeat.
+    pub fn clock_off_ms(&self) -> i64 {
+        self.clock_off_ms.load(Ordering::SeqCst)
+    }
+
+    /// `ClockOff` when this node's clock is too far from Redis's to register.
+    pub fn clock_ok(&self) -> Result<()> {
+        let off = self.clock_off_ms();
+        if off.unsigned_abs() > MAX_CLOCK_OFF.as_millis() as u64 {
+            return Err(Error::ClockOff {
+                node: self.node.clone(),
+                off_ms: off,
+            });
+        }
+        Ok(())
+    }
+
+    fn node_key(node: &str) -> String {
+        format!("taas:node:{{{node}}}")
+    }
+
+    fn label_key(label: &str) -> String {
+        format!("taas:{{{label}}}:nodes")
+    }
+
+    fn path_key(label: &str, mobile: IpAddr) -> String {
+        format!("taas:{{{label}}}:path:{mobile}")
+    }
+
+    fn pairings_key(label: &str) -> String {
+        format!("taas:{{{label}}}:pairings")
+    }
+
+    // ----- this node's part (the heartbeat thread) -----
+
+    /// Writes this node's offers (`offers`: every label with responders
+    /// waiting and its rendezvous port listening): each label's entry, the
+    /// labels it no longer offers withdrawn, its record and its place among
+    /// the live nodes; publishes what changed; then re-reads every node's
+    /// record. `all`: re-write every entry (a heartbeat), else only changes.
+    pub fn publish(&self, offers: BTreeMap<String, Offer>, all: bool) -> Result<()> {
+        let before = lock(&self.own).clone();
+        let changed: Vec<(&String, Option<&Offer>)> = offers
+            .iter()
+            .filter(|(l, o)| all || before.get(*l) != Some(*o))
+            .map(|(l, o)| (l, Some(o)))
+            .chain(
+                before
+                    .keys()
+                    .filter(|l| !offers.contains_key(*l))
+                    .map(|l| (l, None)),
+            )
+            .collect();
+        let ttl = TTL.as_millis() as u64;
+        let record = serde_json::to_string(&NodeRecord {
+            boot: self.boot,
+            host: self.host.clone(),
+            offers: offers.clone(),
+        })
+        .map_err(|e| Error::Encode(e.to_string()))?;
+        let result = self.beat.with(HEARTBEAT, |c| {
+            for (label, offer) in &changed {
+                let key = Self::label_key(label);
+                match offer {
+                    Some(o) => {
+                        let entry = serde_json::json!({
+                            "boot": self.boot, "host": self.host,
+                            "port": o.port, "waiting": o.waiting,
+                        });
+                        redis::cmd("EVAL")
+                            .arg(SET_ENTRY)
+                            .arg(1)
+                            .arg(&key)
+                            .arg(&self.node)
+                            .arg(entry.to_string())
+                            .arg(ttl)
+                            .query::<redis::Value>(c)?;
+                    }
+                    // Its own entry: withdrawn by its only writer.
+                    None => redis::cmd("HDEL")
+                        .arg(&key)
+                        .arg(&self.node)
+                        .query::<i64>(c)
+                        .map(|_| ())?,
+                }
+                let change = Change {
+                    node: self.node.clone(),
+                    boot: self.boot,
+                    host: self.host.clone(),
+                    label: (*label).clone(),
+                    offer: offer.cloned(),
+                };
+                if let Ok(text) = serde_json::to_string(&change) {
+                    redis::cmd("PUBLISH")
+                        .arg(CHANNEL)
+                        .arg(text)
+                        .query::<i64>(c)?;
+                }
+            }
+            redis::cmd("SET")
+                .arg(Self::node_key(&self.node))
+                .arg(&record)
+                .arg("PX")
+                .arg(ttl)
+                .query::<()>(c)?;
+            let beat: (u64, Vec<String>) = redis::cmd("EVAL")
+                .arg(BEAT)
+                .arg(2)
+                .arg(NODES)
+                .arg(KNOWN)
+                .arg(&self.node)
+                .arg(ttl)
+                .query(c)?;
+            let mut records = Vec::new();
+            for node in beat.1.iter().filter(|n| **n != self.node) {
+                let text: Option<String> = redis::cmd("GET").arg(Self::node_key(node)).query(c)?;
+                if let Some(text) = text {
+                    records.push((node.clone(), text));
+                }
+            }
+            Ok((beat.0, records))
+        });
+        match result {
+            Ok((redis_now, records)) => {
+                *lock(&self.own) = offers;
+                let off = now_millis() as i64 - redis_now as i64;
+                self.clock_off_ms.store(off, Ordering::SeqCst);
+                if !self.up.swap(true, Ordering::SeqCst) {
+                    log::info!(
+                        "node {}: Redis {} reached again; directory re-published",
+                        self.node,
+                        self.link.describe()
+                    );
+                }
+                self.replace_all(records);
+                Ok(())
+            }
+            Err(e) => {
+                if self.up.swap(false, Ordering::SeqCst) {
+                    log::warn!(
+                        "node {}: directory not written ({e}); local labels are still served, \
+                         other nodes' labels answer 503 until Redis is back",
+                        self.node
+                    );
+                }
+                // Everything is written again once Redis answers.
+                lock(&self.own).clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Withdraws every entry of this node and its record (a graceful stop).
+    pub fn withdraw(&self) {
+        let labels: Vec<String> = lock(&self.own).keys().cloned().collect();
+        let _ = self.publish(BTreeMap::new(), false);
+        let _ = self.beat.with(HEARTBEAT, |c| {
+            redis::cmd("DEL")
+                .arg(Self::node_key(&self.node))
+                .query::<i64>(c)?;
+            redis::cmd("EVAL")
+                .arg(BEAT)
+                .arg(2)
+                .arg(NODES)
+                .arg(KNOWN)
+                .arg(&self.node)
+                .arg(0)
+                .query::<redis::Value>(c)
+                .map(|_| ())
+        });
+        log::info!(
+            "node {}: withdrew {} label(s) from the directory",
+            self.node,
+            labels.len()
+        );
+    }
+
+    /// Rebuilds the cache from every live node's record (the heartbeat's full
+    /// read): nodes no longer live are forgotten.
+    fn replace_all(&self, records: Vec<(String, String)>) {
+        let until = Instant::now() + TTL;
+        let mut cache = lock(&self.cache);
+        let mut offers: HashMap<String, HashMap<String, Remote>> = HashMap::new();
+        let mut peers = BTreeMap::new();
+        for (node, text) in records {
+            let Ok(record) = serde_json::from_str::<NodeRecord>(&text) else {
+                log::warn!(
+                    "node {}: unreadable directory record of node {node:?}",
+                    self.node
+                );
+                continue;
+            };
+            peers.insert(node.clone(), (record.host.clone(), record.boot, until));
+            for (label, offer) in record.offers {
+                offers.entry(label).or_default().insert(
+                    node.clone(),
+                    Remote {
+                        node: node.clone(),
+                        host: record.host.clone(),
+                        offer,
+                        boot: record.boot,
+                        until,
+                    },
+                );
+            }
+        }
+        cache.offers = offers;
+        cache.peers = peers;
+    }
+
+    // ----- the subscriber -----
+
+    /// Listens to `CHANNEL` until `stop` says so, applying every change of
+    /// another node to the cache; reconnects after a failure (the next
+    /// heartbeat's full read covers what was missed).
+    pub fn subscribe(&self, stop: &AtomicBool) {
+        let mut failures = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            match self.listen(stop) {
+                Ok(()) => return,
+                Err(e) => {
+                    if failures == 0 {
+                        log::warn!("node {}: directory subscription lost: {e}", self.node);
+                    }
+                    failures = failures.saturating_add(1);
+                    std::thread::sleep(HEARTBEAT / 4);
+                }
+            }
+        }
+    }
+
+    fn listen(&self, stop: &AtomicBool) -> redis::RedisResult<()> {
+        let mut conn = self.sub.connect(HEARTBEAT)?;
+        let mut pubsub = conn.as_pubsub();
+        pubsub.subscribe(CHANNEL)?;
+        pubsub.set_read_timeout(Some(HEARTBEAT / 2))?;
+        while !stop.load(Ordering::SeqCst) {
+            let msg = match pubsub.get_message() {
+                Ok(m) => m,
+                Err(e) if e.is_timeout() => continue,
+                Err(e) => return Err(e),
+            };
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            if let Ok(change) = serde_json::from_str::<Change>(&text) {
+                self.apply(change);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, change: Change) {
+        if change.node == self.node {
+            return;
+        }
+        let mut cache = lock(&self.cache);
+        let known_boot = cache.peers.get(&change.node).map(|p| p.1);
+        if known_boot.is_some_and(|b| change.boot < b) {
+            return; // an earlier start's message
+        }
+        let until = Instant::now() + TTL;
+        cache.peers.insert(
+            change.node.clone(),
+            (change.host.clone(), change.boot, until),
+        );
+        let nodes = cache.offers.entry(change.label).or_default();
+        match change.offer {
+            Some(offer) => {
+                nodes.insert(
+                    change.node.clone(),
+                    Remote {
+                        node: change.node,
+                        host: change.host,
+                        offer,
+                        boot: change.boot,
+                        until,
+                    },
+                );
+            }
+            None => {
+                nodes.remove(&change.node);
+            }
+        }
+    }
+
+    // ----- lookups (request threads) -----
+
+    /// Another node with responders waiting for `label`, chosen at random
+    /// weighted by how many wait: from the cache, or on a miss by one short
+    /// read of the label's entries (none when Redis is down).
+    pub fn pick(&self, label: &str) -> Option<Remote> {
+        let now = Instant::now();
+        let cached: Option<Vec<Remote>> = {
+            let cache = lock(&self.cache);
+            cache.offers.get(label).map(|nodes| {
+                nodes
+                    .values()
+                    .filter(|r| {
+                        r.until > now
+                            && r.offer.waiting > 0
+                            && cache.peers.get(&r.node).is_none_or(|p| p.1 <= r.boot)
+                    })
+                    .cloned()
+                    .collect()
+            })
+        };
+        let candidates = match cached {
+            Some(c) => c,
+            None if self.is_up() => self.read_label(label).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        weighted(candidates)
+    }
+
+    /// The label's live entries of other nodes, read from Redis (and cached).
+    fn read_label(&self, label: &str) -> Result<Vec<Remote>> {
+        let key = Self::label_key(label);
+        let (redis_now, fields): (u64, Vec<String>) = self.link.with(SHORT_READ, |c| {
+            let v: redis::Value = redis::cmd("EVAL")
+                .arg(GET_ENTRIES)
+                .arg(1)
+                .arg(&key)
+                .query(c)?;
+            let redis::Value::Array(items) = v else {
+                return Ok((0, Vec::new()));
+            };
+            let now = items.first().and_then(redis_ms).unwrap_or(0);
+            let fields = match items.get(1) {
+                Some(f) => redis::from_redis_value::<Vec<String>>(f.clone())?,
+                None => Vec::new(),
+            };
+            Ok((now, fields))
+        })?;
+        let here = Instant::now();
+        let mut found = Vec::new();
+        for pair in fields.chunks(2) {
+            let [node, text] = pair else { continue };
+            if *node == self.node {
+                continue;
+            }
+            let Ok(e) = serde_json::from_str::<Entry>(text) else {
+                continue;
+            };
+            if e.until <= redis_now {
+                continue;
+            }
+            found.push(Remote {
+                node: node.clone(),
+                host: e.host,
+                offer: Offer {
+                    port: e.port,
+                    waiting: e.waiting,
+                },
+                boot: e.boot,
+                until: here + Duration::from_millis(e.until - redis_now),
+            });
+        }
+        let mut cache = lock(&self.cache);
+        let nodes = cache.offers.entry(label.to_string()).or_default();
+        for r in &found {
+            nodes.insert(r.node.clone(), r.clone());
+        }
+        Ok(found)
+    }
+
+    /// The other live nodes: (name, host), as of the last heartbeat or message.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        lock(&self.cache)
+            .peers
+            .iter()
+            .filter(|(_, p)| p.2 > now)
+            .map(|(n, p)| (n.clone(), p.0.clone()))
+            .collect()
+    }
+
+    /// Offers of other nodes known here (live).
+    pub fn size(&self) -> usize {
+        let now = Instant::now();
+        lock(&self.cache)
+            .offers
+            .values()
+            .map(|nodes| nodes.values().filter(|r| r.until > now).count())
+            .sum()
+    }
+
+    /// The node's part of `/status` (JSON).
+    pub fn status(&self) -> serde_json::Value {
+        let peers: Vec<serde_json::Value> = self
+            .peers()
+            .into_iter()
+            .map(|(node, host)| serde_json::json!({ "node": node, "host": host }))
+            .collect();
+        let c = &self.counters;
+        serde_json::json!({
+            "name": self.node,
+            "boot": self.boot,
+            "host": self.host,
+            "redis_up": self.is_up(),
+            "clock_off_ms": self.clock_off_ms(),
+            "peers": peers,
+            "directory_size": self.size(),
+            "offered": lock(&self.own).len(),
+            "redirects_given": c.redirects_given.load(Ordering::Relaxed),
+            "redirects_received": c.redirects_received.load(Ordering::Relaxed),
+            "stale_redirects": c.stale_redirects.load(Ordering::Relaxed),
+        })
+    }
+
+    /// The node's part of `/metrics` (Prometheus text).
+    pub fn metrics_text(&self) -> String {
+        let c = &self.counters;
+        let rows = [
+            (
+                "taas_node_peers",
+                "gauge",
+                "Other live nodes known here.",
+                self.peers().len() as u64,
+            ),
+            (
+                "taas_node_directory_offers",
+                "gauge",
+                "Other nodes' offers (label, node) known here.",
+                self.size() as u64,
+            ),
+            (
+                "taas_node_labels_offered",
+                "gauge",
+                "Labels this node offers to the others.",
+                lock(&self.own).len() as u64,
+            ),
+            (
+                "taas_node_redis_up",
+                "gauge",
+                "1 when the last heartbeat reached Redis.",
+                u64::from(self.is_up()),
+            ),
+            (
+                "taas_cross_node_redirects_given_total",
+                "counter",
+                "307s to another node.",
+                c.redirects_given.load(Ordering::Relaxed),
+            ),
+            (
+                "taas_cross_node_redirects_received_total",
+                "counter",
+                "Pairings here of mobiles another node sent.",
+                c.redirects_received.load(Ordering::Relaxed),
+            ),
+            (
+                "taas_stale_redirects_total",
+                "counter",
+                "Connections another node sent here that never paired.",
+                c.stale_redirects.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+
+    // ----- paths and pairings -----
+
+    /// Keeps the path of the cross-node 307 given to `mobile` for `label`, for
+    /// the node that will pair it. Done before the 307 is answered.
+    pub fn remember_path(&self, label: &str, mobile: IpAddr, path: &str) -> Result<()> {
+        let key = Self::path_key(label, mobile);
+        let ttl = PATH_TTL.as_millis() as u64;
+        self.link.with(SHORT_READ, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(path)
+                .arg("PX")
+                .arg(ttl)
+                .query::<()>(c)
+        })
+    }
+
+    /// The path another node's 307 gave `mobile` for `label`, taken (read
+    /// once); `None` when there is none or Redis cannot say.
+    pub fn take_path(&self, label: &str, mobile: IpAddr) -> Option<String> {
+        let key = Self::path_key(label, mobile);
+        self.link
+            .with(SHORT_READ, |c| redis::cmd("GETDEL").arg(&key).query(c))
+            .ok()
+            .flatten()
+    }
+
+    /// Adds a pairing (JSON) to the label's shared list, keeping the last
+    /// `MAX_PAIRINGS`.
+    pub fn record_pairing(&self, label: &str, json: &str) -> Result<()> {
+        let key = Self::pairings_key(label);
+        self.link.with(SHORT_READ, |c| {
+            redis::pipe()
+                .cmd("LPUSH")
+                .arg(&key)
+                .arg(json)
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&key)
+                .arg(0)
+                .arg(MAX_PAIRINGS - 1)
+                .ignore()
+                .query::<()>(c)
+        })
+    }
+
+    /// The label's pairings at every node (JSON), oldest first.
+    pub fn pairings(&self, label: &str) -> Result<Vec<String>> {
+        let key = Self::pairings_key(label);
+        let mut list: Vec<String> = self.link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(MAX_PAIRINGS - 1)
+                .query(c)
+        })?;
+        list.reverse();
+        Ok(list)
+    }
+
+    // ----- security state shared by the nodes -----
+
+    /// Milliseconds to wait before `bucket` allows a try (0: now).
+    pub fn bucket_wait(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<u64> {
+        self.bucket(bucket, budget, refill, 0)
+    }
+
+    /// Spends one failure from `bucket`.
+    pub fn bucket_spend(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<()> {
+        self.bucket(bucket, budget, refill, 1).map(|_| ())
+    }
+
+    fn bucket(&self, bucket: &Bucket, budget: u32, refill: Duration, spend: u32) -> Result<u64> {
+        let key = bucket.key();
+        let refill = refill.as_millis().max(1) as u64;
+        self.link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("EVAL")
+                .arg(BUCKET)
+                .arg(1)
+                .arg(&key)
+                .arg(budget)
+                .arg(refill)
+                .arg(spend)
+                .query(c)
+        })
+    }
+
+    /// The replay rule across nodes: `Ok(Ok(()))` when `step` is taken for
+    /// `id` from `src`, `Ok(Err(last))` when refused.
+    pub fn accept_step(
+        &self,
+        id: &str,
+        step: u64,
+        src: IpAddr,
+    ) -> Result<std::result::Result<(), u64>> {
+        let key = format!("taas:{{{id}}}:step");
+        let got: i64 = self.link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("EVAL")
+                .arg(ACCEPT_STEP)
+                .arg(1)
+                .arg(&key)
+                .arg(step)
+                .arg(src.to_string())
+                .arg(24 * 3600)
+                .query(c)
+        })?;
+        Ok(match u64::try_from(got) {
+            Ok(last) => Err(last),
+            Err(_) => Ok(()),
+        })
+    }
+
+    /// Did `src` authenticate as `id` at any node within `window`?
+    pub fn trusts(&self, src: IpAddr, id: &str) -> Result<bool> {
+        let key = format!("taas:{{{id}}}:trust:{src}");
+        self.link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("EXISTS").arg(&key).query(c)
+        })
+    }
+
+    /// Notes a success of `src` as `id` for `window`.
+    pub fn trust(&self, src: IpAddr, id: &str, window: Duration) -> Result<()> {
+        let key = format!("taas:{{{id}}}:trust:{src}");
+        self.link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("EX")
+                .arg(window.as_secs())
+                .query::<()>(c)
+        })
+    }
+
+    /// Every node name that ever joined (for label certificates).
+    pub fn known_nodes(link: &RedisLink) -> Result<Vec<String>> {
+        let mut names: Vec<String> = link.with(SECURITY_DEADLINE, |c| {
+            redis::cmd("SMEMBERS").arg(KNOWN).query(c)
+        })?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// One of `candidates` at random, weighted by responders waiting.
+fn weighted(candidates: Vec<Remote>) -> Option<Remote> {
+    let total: u64 = candidates.iter().map(|r| r.offer.waiting as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = [0u8; 8];
+    if random_bytes(&mut r).is_err() {
+        return candidates.into_iter().next();
+    }
+    let mut pick = u64::from_le_bytes(r) % total;
+    for c in candidates {
+        let w = c.offer.waiting as u64;
+        if pick < w {
+            return Some(c);
+        }
+        pick -= w;
+    }
+    None
+}

@@ -1,0 +1,131 @@
+//! A relay as one node of several on one Redis (docs/PROTOCOL.md section 6):
+//! the heartbeat thread that writes this node's offers to the shared
+//! directory (`directory`) and the subscriber that keeps the other nodes'
+//! offers in the local cache.
+//!
+//! Invariants: a label is offered only while responders wait for it here and
+//! its rendezvous port is listening (the port is opened for it); a pool going
+//! between empty and not is published at once, everything else on the
+//! heartbeat; a node whose clock is off from Redis's by more than a TOTP step
+//! says so (the registrar then refuses registrations).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::RecvTimeoutError;
+
+use crate::directory::{Directory, HEARTBEAT, MAX_CLOCK_OFF, Offer};
+use crate::error::{Error, Result};
+use crate::rendezvous;
+use crate::state::Shared;
+use crate::sys::{SMALL_STACK, spawn};
+
+/// The node's two threads; `stop` ends them.
+pub struct Node {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the heartbeat and the subscriber for `shared`'s directory, if
+    /// it has one.
+    pub fn start(shared: &Arc<Shared>) -> Result<Option<Node>> {
+        let (Some(dir), Some(edges)) = (shared.directory.clone(), shared.edges.clone()) else {
+            return Ok(None);
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st, d) = (shared.clone(), stop.clone(), dir.clone());
+        let beat = spawn("node-beat", SMALL_STACK, move || {
+            let mut next = Instant::now();
+            while !st.load(Ordering::SeqCst) {
+                let all = Instant::now() >= next;
+                if all {
+                    next = Instant::now() + HEARTBEAT;
+                }
+                let _ = d.publish(offers(&s), all);
+                if all {
+                    check_clock(&d);
+                }
+                // Until the next beat, or a pool's edge (several at once
+                // are one write).
+                match edges.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                    Ok(_) => while edges.try_recv().is_ok() {},
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn thread", e))?;
+        let (st, d) = (stop.clone(), dir.clone());
+        let sub = spawn("node-sub", SMALL_STACK, move || d.subscribe(&st))
+            .map_err(|e| Error::io("spawn thread", e))?;
+        log::info!(
+            "node {} (boot {}) joined the directory at {}",
+            dir.node,
+            dir.boot,
+            shared.config.store.describe()
+        );
+        Ok(Some(Node {
+            stop,
+            threads: vec![beat, sub],
+        }))
+    }
+
+    /// Stops both threads (within a heartbeat) and withdraws this node's
+    /// entries.
+    pub fn stop(self, dir: &Directory) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        dir.withdraw();
+    }
+}
+
+/// This node's offers: every label with live responders waiting, its
+/// rendezvous port opened for it.
+fn offers(shared: &Arc<Shared>) -> BTreeMap<String, Offer> {
+    let mut offers = BTreeMap::new();
+    if shared.stopping() {
+        return offers;
+    }
+    for label in shared.labels.all() {
+        let waiting = label.prune();
+        if waiting == 0 {
+            continue;
+        }
+        match rendezvous::port_for(shared, &label) {
+            Ok(port) => {
+                offers.insert(label.name.clone(), Offer { port, waiting });
+            }
+            Err(e) => log::warn!("{}: not offered to other nodes: {e}", label.name),
+        }
+    }
+    offers
+}
+
+/// Logs a clock off from Redis's by more than `MAX_CLOCK_OFF` (once, and
+/// when it is right again).
+fn check_clock(dir: &Directory) {
+    let off = dir.clock_off_ms();
+    let bad = off.unsigned_abs() > MAX_CLOCK_OFF.as_millis() as u64;
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if bad && !WARNED.swap(true, Ordering::SeqCst) {
+        log::error!(
+            "node {}: this clock is {:.1} s off from Redis's: registrations are refused \
+             until it is within {} s (run NTP)",
+            dir.node,
+            off as f64 / 1000.0,
+            MAX_CLOCK_OFF.as_secs()
+        );
+    } else if !bad && WARNED.swap(false, Ordering::SeqCst) {
+        log::info!(
+            "node {}: clock within {} s of Redis's again",
+            dir.node,
+            MAX_CLOCK_OFF.as_secs()
+        );
+    }
+}
