@@ -514,7 +514,10 @@ mod tests {
             g.local_fail(&[Key::Addr(stranger), Key::Id(id.clone())]);
         }
         let another = IpAddr::from([10, 1, 0, 9]);
-        assert!(g.local_check(&[Key::Addr(another), Key::Id(id.clone())]).is_err());
+        assert!(
+            g.local_check(&[Key::Addr(another), Key::Id(id.clone())])
+                .is_err()
+        );
         // …but the owner's own budget is untouched.
         assert!(g.local_check(&[Key::Trusted(owner, id.clone())]).is_ok());
         for _ in 0..3 {
@@ -538,9 +541,15 @@ mod tests {
         // and a tracked key is still throttled by its own bucket.
         let slow = Guard::new(2, Duration::from_secs(3600), None);
         fill(&slow);
-        assert!(matches!(slow.local_check(&newcomer), Err(Error::Throttled(_))));
+        assert!(matches!(
+            slow.local_check(&newcomer),
+            Err(Error::Throttled(_))
+        ));
         let tracked = [Key::Addr(IpAddr::from(7u32.to_be_bytes()))];
-        assert!(slow.local_check(&tracked).is_ok(), "one failure of two spent");
+        assert!(
+            slow.local_check(&tracked).is_ok(),
+            "one failure of two spent"
+        );
         slow.local_fail(&tracked);
         assert!(slow.local_check(&tracked).is_err());
         // Buckets that refilled are forgotten, and the newcomer is tracked again.

@@ -36,6 +36,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -164,7 +165,18 @@ pub struct Directory {
     clock_off_ms: AtomicI64,
     /// The counters.
     pub counters: Counters,
+    /// Work a pair's thread hands off (its stack is small, and a pairing
+    /// must not wait on Redis): run by the node's worker thread.
+    later: Sender<Job>,
+    /// The other end, until the worker takes it.
+    jobs: Mutex<Option<Receiver<Job>>>,
 }
+
+/// A piece of directory work run off the caller's thread.
+pub type Job = Box<dyn FnOnce(&Directory) + Send>;
+
+/// Jobs queued for the worker before more are dropped (and logged).
+const MAX_JOBS: usize = 4096;
 
 /// Writes one label's entry of this node: sets the field with its `until`
 /// from Redis's clock, drops fields whose `until` has passed, keeps the key
@@ -294,7 +306,10 @@ impl Directory {
         let boot: u64 = link.with(SECURITY_DEADLINE, |c| {
             redis::cmd("INCR").arg(&boot_key).query(c)
         })?;
+        let (later, jobs) = bounded(MAX_JOBS);
         Ok(Directory {
+            later,
+            jobs: Mutex::new(Some(jobs)),
             node: node.to_string(),
             host: host.to_string(),
             boot,
@@ -307,6 +322,32 @@ impl Directory {
             clock_off_ms: AtomicI64::new(0),
             counters: Counters::default(),
         })
+    }
+
+    /// Runs `job` on the node's worker thread, soon; dropped (and logged)
+    /// when `MAX_JOBS` wait already.
+    pub fn later(&self, job: Job) {
+        if self.later.try_send(job).is_err() {
+            log::warn!(
+                "node {}: directory work queue full; a pairing record is lost",
+                self.node
+            );
+        }
+    }
+
+    /// Runs queued jobs until every sender is gone or `stop` is set (the
+    /// node's worker thread).
+    pub fn work(&self, stop: &AtomicBool) {
+        let Some(jobs) = lock(&self.jobs).take() else {
+            return;
+        };
+        while !stop.load(Ordering::SeqCst) {
+            match jobs.recv_timeout(HEARTBEAT / 4) {
+                Ok(job) => job(self),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
     }
 
     /// Did the last heartbeat reach Redis?

@@ -1,7 +1,8 @@
 //! A relay as one node of several on one Redis (docs/PROTOCOL.md section 6):
 //! the heartbeat thread that writes this node's offers to the shared
-//! directory (`directory`) and the subscriber that keeps the other nodes'
-//! offers in the local cache.
+//! directory (`directory`), the subscriber that keeps the other nodes'
+//! offers in the local cache, and the worker that does the directory work
+//! of pairings (paths, records) off their threads.
 //!
 //! Invariants: a label is offered only while responders wait for it here and
 //! its rendezvous port is listening (the port is opened for it); a pool going
@@ -21,7 +22,11 @@ use crate::directory::{Directory, HEARTBEAT, MAX_CLOCK_OFF, Offer};
 use crate::error::{Error, Result};
 use crate::rendezvous;
 use crate::state::Shared;
-use crate::sys::{SMALL_STACK, spawn};
+use crate::sys::{CONN_STACK, spawn};
+
+/// Stack of the node's threads: Redis calls, JSON and Lua arguments (as a
+/// connection's thread, which calls the store).
+const NODE_STACK: usize = CONN_STACK;
 
 /// The node's two threads; `stop` ends them.
 pub struct Node {
@@ -38,7 +43,7 @@ impl Node {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st, d) = (shared.clone(), stop.clone(), dir.clone());
-        let beat = spawn("node-beat", SMALL_STACK, move || {
+        let beat = spawn("node-beat", NODE_STACK, move || {
             let mut next = Instant::now();
             while !st.load(Ordering::SeqCst) {
                 let all = Instant::now() >= next;
@@ -60,7 +65,10 @@ impl Node {
         })
         .map_err(|e| Error::io("spawn thread", e))?;
         let (st, d) = (stop.clone(), dir.clone());
-        let sub = spawn("node-sub", SMALL_STACK, move || d.subscribe(&st))
+        let sub = spawn("node-sub", NODE_STACK, move || d.subscribe(&st))
+            .map_err(|e| Error::io("spawn thread", e))?;
+        let (st, d) = (stop.clone(), dir.clone());
+        let work = spawn("node-work", NODE_STACK, move || d.work(&st))
             .map_err(|e| Error::io("spawn thread", e))?;
         log::info!(
             "node {} (boot {}) joined the directory at {}",
@@ -70,7 +78,7 @@ impl Node {
         );
         Ok(Some(Node {
             stop,
-            threads: vec![beat, sub],
+            threads: vec![beat, sub, work],
         }))
     }
 

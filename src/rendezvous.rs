@@ -252,40 +252,55 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
     }
 }
 
-/// The path of the 307 that sent `peer` here: one this node gave, else one
-/// another node gave (read once from the directory), else "" (a direct
-/// connection).
-fn path_of(shared: &Shared, label: &Label, peer: SocketAddr) -> String {
-    let here = label.redirect_path(peer.ip());
-    if !here.is_empty() {
-        return here;
-    }
+/// Records a pairing: here, and (when this relay is a node) in the shared
+/// list, after looking up the path of another node's 307 when this node gave
+/// none. The directory work runs on the node's worker, so the pair's first
+/// octets wait on no Redis call.
+fn record(shared: &Shared, label: &Arc<Label>, mut record: Pairing, peer: SocketAddr) {
     let Some(dir) = &shared.directory else {
-        return here;
+        label.record(record);
+        return;
     };
-    match dir.take_path(&label.name, peer.ip()) {
-        Some(path) => {
+    let label = label.clone();
+    dir.later(Box::new(move |dir| {
+        if record.pathname.is_empty()
+            && let Some(path) = dir.take_path(&label.name, peer.ip())
+        {
             dir.counters
                 .redirects_received
                 .fetch_add(1, Ordering::Relaxed);
-            path
+            log::info!(
+                "pair {}: mobile {peer} was sent by another node for {:?}",
+                label.name,
+                loggable_target(&path)
+            );
+            record.pathname = path;
         }
-        None => here,
-    }
+        match serde_json::to_string(&record) {
+            Ok(json) => {
+                if let Err(e) = dir.record_pairing(&label.name, &json) {
+                    log::warn!("pair {}: not recorded for the other nodes: {e}", label.name);
+                }
+            }
+            Err(e) => log::warn!("pair {}: not recorded: {e}", label.name),
+        }
+        label.record(record);
+    }));
 }
 
 /// A connection that never paired: counted as a stale redirect when another
 /// node had sent it here (its offer was out of date).
 fn unpaired(shared: &Shared, label: &Label, peer: SocketAddr) {
-    if let Some(dir) = &shared.directory
-        && dir.take_path(&label.name, peer.ip()).is_some()
-    {
-        dir.counters.stale_redirects.fetch_add(1, Ordering::Relaxed);
-        log::info!(
-            "{}: {peer} was sent here by another node and never paired",
-            label.name
-        );
-    }
+    let Some(dir) = &shared.directory else {
+        return;
+    };
+    let name = label.name.clone();
+    dir.later(Box::new(move |dir| {
+        if dir.take_path(&name, peer.ip()).is_some() {
+            dir.counters.stale_redirects.fetch_add(1, Ordering::Relaxed);
+            log::info!("{name}: {peer} was sent here by another node and never paired");
+        }
+    }));
 }
 
 /// Pairs one mobile connection once it has something to relay, and relays it
@@ -298,7 +313,7 @@ fn unpaired(shared: &Shared, label: &Label, peer: SocketAddr) {
 /// the connection is closed.
 fn pair(
     shared: &Shared,
-    label: &Label,
+    label: &Arc<Label>,
     mobile: TcpStream,
     peer: SocketAddr,
     permit: PairPermit,
@@ -379,25 +394,19 @@ fn pair(
     let _ = set_keepalive(&mobile);
     let (mobile, hidden) = (Arc::new(mobile), Arc::new(hidden));
     permit.attach(&mobile, &hidden);
-    let record = Pairing {
+    let pairing = Pairing {
         responder: pool::ip_port(responder.peer),
         initiator: pool::ip_port(peer),
-        pathname: path_of(shared, label, peer),
+        pathname: label.redirect_path(peer.ip()),
         timestamp: now_millis(),
     };
     log::info!(
         "pair {}: mobile {peer} <-> hidden {} path {:?}",
         label.name,
         responder.peer,
-        loggable_target(&record.pathname)
+        loggable_target(&pairing.pathname)
     );
-    if let Some(dir) = &shared.directory
-        && let Ok(json) = serde_json::to_string(&record)
-        && let Err(e) = dir.record_pairing(&label.name, &json)
-    {
-        log::warn!("pair {}: not recorded for the other nodes: {e}", label.name);
-    }
-    label.record(record);
+    record(shared, label, pairing, peer);
     shared.metrics.pair_opened();
     let started = Instant::now();
     let next_thread = relay::Hook {

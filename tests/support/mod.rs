@@ -610,6 +610,7 @@ pub fn taas_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, String,
 }
 
 pub mod browser;
+pub mod nodes;
 
 /// A certificate authority made for one test (rcgen), standing in for the
 /// relay's CA: it signs label (and registrar) certificates that clients verify

@@ -1,0 +1,315 @@
+//! Several relays, one Redis (issue 14, docs/PROTOCOL.md section 6): `taas
+//! serve` processes named a, b, c on 127.0.0.2, .3 and .4 share one real
+//! `redis-server`, each through a TCP proxy of its own that a test can cut.
+//! Waits are bounded polls of `/status` (at most a heartbeat or a TTL past the
+//! event), never fixed sleeps.
+mod support;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use support::nodes::{Cluster, LABEL, bytes_both_ways, location, timed};
+use support::{taas, wait_until};
+use taas::directory::{HEARTBEAT, TTL};
+
+/// A bound past the event for what one heartbeat should bring (the beat
+/// itself, plus the time a loaded CI machine takes to run it).
+fn one_beat() -> Duration {
+    HEARTBEAT * 2
+}
+
+/// A bound for what a TTL should bring (the TTL, then one heartbeat of the
+/// observer to read it).
+fn one_ttl() -> Duration {
+    TTL + HEARTBEAT * 2
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn registered_at_one_node_reached_through_another() {
+    let c = Cluster::start(&["a", "b", "c"], "");
+    let mut r1 = c.responder("a");
+    let _r2 = c.responder("a");
+    // a's pool went from empty to not: published at once, seen by b.
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+
+    let r = c.get("b", "/app?x=1");
+    assert_eq!(r.status, 307, "{r:?}");
+    let (host, q) = location(&r);
+    assert_eq!(host, format!("{LABEL}.a.taas.localhost"), "names node a");
+    assert!(r.header("location").unwrap().ends_with("/app?x=1"));
+    bytes_both_ways(ip("127.0.0.2"), q, &mut r1);
+    assert_eq!(c.node("b").counter("redirects_given"), 1);
+    assert!(wait_until(one_beat(), || c
+        .node("a")
+        .counter("redirects_received")
+        == 1));
+
+    // The pairing is listed at every node, with the path of b's 307.
+    let list = c.pairings("c");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["pathname"], "/app?x=1");
+    assert!(
+        list[0]["initiator"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1 ")
+    );
+
+    // The second responder taken at a: its pool is empty, which is published
+    // at once, so b stops redirecting there (503) well before a's entry's TTL.
+    let mut direct = std::net::TcpStream::connect(("127.0.0.2", q)).unwrap();
+    std::io::Write::write_all(&mut direct, b"x").unwrap();
+    assert!(wait_until(one_beat(), || c.waiting("a") == 0));
+    assert!(
+        wait_until(one_beat(), || c.get("b", "/").status == 503),
+        "b still redirects to a drained node"
+    );
+
+    // Local responders always win.
+    let _r3 = c.responder("a");
+    let _rb = c.responder("b");
+    let r = c.get("b", "/");
+    assert_eq!(r.status, 307);
+    assert_eq!(
+        location(&r).0,
+        format!("{LABEL}.taas.localhost"),
+        "b's own port"
+    );
+}
+
+#[test]
+fn redirect_host_address_names_the_other_nodes_public_host() {
+    let c = Cluster::start(&["a", "b"], "redirect_host = \"address\"");
+    let mut r1 = c.responder("a");
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    let r = c.get("b", "/");
+    assert_eq!(r.status, 307, "{r:?}");
+    let (host, q) = location(&r);
+    assert_eq!(host, "127.0.0.2");
+    bytes_both_ways(ip("127.0.0.2"), q, &mut r1);
+}
+
+#[test]
+fn cross_node_redirects_can_be_turned_off() {
+    let c = Cluster::start(&["a", "b"], "cross_node_redirects = false");
+    let _r1 = c.responder("a");
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    assert_eq!(c.get("b", "/").status, 503);
+    assert_eq!(c.node("b").counter("redirects_given"), 0);
+}
+
+#[test]
+fn a_killed_node_is_forgotten_and_its_labels_live_on_at_the_others() {
+    let mut c = Cluster::start(&["a", "b", "c"], "");
+    let _at_a: Vec<_> = (0..2).map(|_| c.responder("a")).collect();
+    let mut at_c: Vec<_> = (0..4).map(|_| c.responder("c")).collect();
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 2));
+    c.node_mut("a").kill();
+    let killed = Instant::now();
+    assert!(
+        wait_until(one_ttl(), || !c
+            .node("b")
+            .peers()
+            .contains(&"a".to_string())),
+        "b still lists a, killed {:?} ago",
+        killed.elapsed()
+    );
+    // No 307 to a any more: every request goes to c, and gets through.
+    for _ in 0..4 {
+        let r = c.get("b", "/");
+        assert_eq!(r.status, 307, "{r:?}");
+        let (host, q) = location(&r);
+        assert_eq!(host, format!("{LABEL}.c.taas.localhost"));
+        let mut responder = at_c.remove(0);
+        // The oldest responder at c is the one paired.
+        bytes_both_ways(ip("127.0.0.4"), q, &mut responder);
+    }
+}
+
+#[test]
+fn a_graceful_stop_withdraws_at_once() {
+    let mut c = Cluster::start(&["a", "b"], "");
+    let _r = c.responder("a");
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
+    // Withdrawn, not left to expire: gone from b within a heartbeat.
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        == 0));
+    assert_eq!(c.get("b", "/").status, 503);
+}
+
+#[test]
+fn redis_down_local_labels_served_other_labels_refused_fast_then_back() {
+    let mut c = Cluster::start(&["a", "b"], "");
+    let mut at_a: Vec<_> = (0..3).map(|_| c.responder("a")).collect();
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    c.redis.stop();
+    assert!(wait_until(
+        one_beat() * 2,
+        || c.node("a").node_status()["redis_up"] == false
+    ));
+    // a's own label: every request is served.
+    for _ in 0..2 {
+        let r = c.get("a", "/");
+        assert_eq!(r.status, 307, "{r:?}");
+        let (host, q) = location(&r);
+        assert_eq!(host, format!("{LABEL}.taas.localhost"));
+        bytes_both_ways(ip("127.0.0.2"), q, &mut at_a.remove(0));
+    }
+    // At b, once a's offer has passed its TTL there, the label is answered
+    // 503, without waiting on Redis (well inside the store's deadline).
+    assert!(wait_until(one_ttl(), || c.get("b", "/").status == 503));
+    let (r, took) = timed(|| c.get("b", "/"));
+    assert_eq!(r.status, 503);
+    assert!(took < taas::store::STORE_DEADLINE, "took {took:?}");
+    // Redis back, empty: a's heartbeat writes everything again.
+    c.redis.restart();
+    assert!(
+        wait_until(one_beat() * 2, || c.node("b").counter("directory_size")
+            >= 1),
+        "the directory did not come back"
+    );
+    assert_eq!(c.get("b", "/").status, 307);
+}
+
+#[test]
+fn a_node_cut_from_redis_serves_its_labels_and_publishes_again() {
+    let c = Cluster::start(&["a", "b"], "");
+    let mut at_a: Vec<_> = (0..3).map(|_| c.responder("a")).collect();
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    c.node("a").proxy.cut();
+    // Its entries expire at b; a itself still serves its label.
+    assert!(wait_until(one_ttl(), || c
+        .node("b")
+        .counter("directory_size")
+        == 0));
+    let r = c.get("a", "/");
+    assert_eq!(r.status, 307);
+    bytes_both_ways(ip("127.0.0.2"), location(&r).1, &mut at_a.remove(0));
+    c.node("a").proxy.restore();
+    assert!(wait_until(one_beat() * 2, || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .peers()
+        .contains(&"a".to_string())));
+}
+
+#[test]
+fn guessing_spread_over_nodes_meets_one_budget_and_a_token_is_not_replayed_elsewhere() {
+    let c = Cluster::start(&["a", "b", "c"], "");
+    // A right token used at a by the owner...
+    let token = c.token();
+    let r = c.register("a", &token, None);
+    assert_eq!(r.status, 200, "{r:?}");
+    // ... is a replay at b from another address (429 with a Retry-After).
+    let r = c.register("b", &token, Some(ip("127.0.0.9")));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.header("retry-after").is_some());
+
+    // Wrong tokens for the ID from many addresses, spread over the three
+    // nodes: one budget (10) for them all, not one per node.
+    let mut unauthorized = 0;
+    let mut throttled = false;
+    for i in 0..30u8 {
+        let node = ["a", "b", "c"][usize::from(i % 3)];
+        let from = ip(&format!("127.0.1.{}", i + 1));
+        let r = c.register(node, "000000", Some(from));
+        match r.status {
+            401 => unauthorized += 1,
+            429 => {
+                throttled = true;
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(throttled, "never throttled over {unauthorized} guesses");
+    assert!(unauthorized <= 11, "{unauthorized} guesses before 429");
+    // The owner, trusted since its success at a, is not locked out at c.
+    let r = c.register("c", &token, None);
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn churn_every_live_node_is_listed_and_no_dead_one_stays() {
+    let mut c = Cluster::start(&["a", "b"], "");
+    let watcher = "a";
+    // Each name's last kill.
+    let mut dead: std::collections::HashMap<String, Instant> = Default::default();
+    // Ten replacements, one every couple of seconds: b and each newcomer in
+    // turn killed and replaced by a new node (new name, or b's name again
+    // with a new boot number).
+    let mut current = "b".to_string();
+    for round in 0..10 {
+        c.node_mut(&current).kill();
+        c.remove(&current);
+        dead.insert(current.clone(), Instant::now());
+        current = if round % 2 == 0 {
+            format!("n{round}")
+        } else {
+            "b".to_string()
+        };
+        let idx = c.add(&current);
+        let name = c.nodes[idx].name.clone();
+        let listed = Instant::now();
+        assert!(
+            wait_until(one_beat(), || c.node(watcher).peers().contains(&name)),
+            "{name} not listed {:?} after it started",
+            listed.elapsed()
+        );
+        // Every node killed more than a TTL ago, and not back, is gone.
+        let peers = c.node(watcher).peers();
+        for (d, at) in &dead {
+            if at.elapsed() > one_ttl() && *d != current {
+                assert!(
+                    !peers.contains(d),
+                    "{d} killed {:?} ago still listed",
+                    at.elapsed()
+                );
+            }
+        }
+    }
+    // At the end, only the live one.
+    assert!(wait_until(one_ttl(), || c.node(watcher).peers()
+        == vec![current.clone()]));
+}
+
+#[test]
+fn node_with_a_file_store_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, "node = \"a\"\nstore = \"file:x.json\"\n").unwrap();
+    let (ok, _, err) = taas(dir.path(), &["serve", "-c", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("node") && err.contains("Redis store"), "{err}");
+}
