@@ -162,6 +162,20 @@ impl Registrar {
         Ok(all.iter().map(SocketAddr::to_string).collect())
     }
 
+    /// The same registrar with a TLS session cache of its own. Relay nodes
+    /// share the registrar's name but not their sessions: with one cache the
+    /// slots of one node would offer the other node's tickets, and fall back to
+    /// a full handshake each time.
+    fn with_own_sessions(&self) -> Registrar {
+        let mut own = self.clone();
+        if let Some(cfg) = &self.tls {
+            let mut cfg = (**cfg).clone();
+            cfg.resumption = rustls::client::Resumption::default();
+            own.tls = Some(Arc::new(cfg));
+        }
+        own
+    }
+
     /// Registers `label` at `server.hostname:server.port` and returns the
     /// plug's address, following redirects.
     pub fn register(&self, label: &str) -> std::result::Result<SocketAddr, RegisterError> {
@@ -404,7 +418,6 @@ impl Agent {
             (each_once(cfg.relays.iter().cloned()), String::new())
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let registrar = Arc::new(registrar);
         let cfg = Arc::new(cfg);
         let tls = cfg.tls.as_ref().map_or_else(String::new, |t| {
             format!(
@@ -422,6 +435,8 @@ impl Agent {
         );
         let agent = Agent { stop };
         for relay in relays {
+            // One session cache per node, shared by its slots.
+            let registrar = Arc::new(registrar.with_own_sessions());
             for n in 0..cfg.pool {
                 let s = Slot {
                     tag: format!("relay {relay}: slot {n}").into(),
