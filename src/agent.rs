@@ -1,7 +1,15 @@
-//! The hidden side (`taas expose`): keeps `pool` registrations waiting at the relay
-//! for one label and pipes each relayed connection to a local TCP service.
+//! The hidden side (`taas expose`): keeps `pool` registrations waiting at each
+//! relay node it knows, for one label, and pipes each relayed connection to a
+//! local TCP service.
 //!
-//! Each of the `pool` slots is one thread that loops: register (docs/PROTOCOL.md
+//! The relays are the `--relay` addresses given, or else every address the
+//! provisioning file's `server.hostname` resolves to (`Registrar::relays`); only
+//! the TCP connect target differs between them: `Host`, TLS SNI and the
+//! certificate check are the registrar's name wherever the agent connects.
+//! Each relay has its own `pool` slots, independent of the others': a relay
+//! that is down backs its own slots off and slows no other.
+//!
+//! Each slot is one thread that loops: register (docs/PROTOCOL.md
 //! section 1), connect to the plug, wait for the mobile client's first octet.
 //! Then that thread connects to the local service and pipes the connection
 //! itself, and a new thread takes the slot over and registers again as soon as
@@ -19,7 +27,8 @@
 //!   `chunked`, or to the close), at most `MAX_ANSWER` octets, and no further:
 //!   a malformed one is an error like a network failure (logged, backed off);
 //! - a failing run is logged at its first failure and then as a count, once per
-//!   `REPORT_EVERY`, not once per retry;
+//!   `REPORT_EVERY`, not once per retry; every line about a slot names its relay
+//!   (`relay 127.0.0.2:8443: slot 0: …`);
 //! - the local service being down closes that one mobile connection only;
 //! - with `eager`, the local service is connected as soon as the responder is in
 //!   place, so a server that speaks first (SMTP, FTP) is heard: its octets wait
@@ -27,7 +36,7 @@
 //!   the mobile side first sends, or when the connection ends.
 
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -76,6 +85,10 @@ pub const SHORT_WAIT: Duration = Duration::from_secs(2);
 pub struct Registrar {
     /// Address to connect to (`server.hostname`, `server.port`).
     pub connect: String,
+    /// `server.hostname`, as the file has it.
+    hostname: String,
+    /// `server.port`.
+    port: u16,
     /// Host name for `Host` and TLS SNI (`issuer`'s host).
     pub name: String,
     /// TLS client configuration; `None` for a relay without TLS.
@@ -132,6 +145,8 @@ impl Registrar {
         };
         Ok(Registrar {
             connect,
+            hostname: host.clone(),
+            port: p.server.port,
             name: p.registrar_name().to_string(),
             tls,
             id: p.id().to_string(),
@@ -139,9 +154,43 @@ impl Registrar {
         })
     }
 
-    /// Registers `label` and returns the plug's address, following redirects.
+    /// Every relay node of the provisioning file: each address its
+    /// `server.hostname` resolves to (A and AAAA), once, with `server.port`, as
+    /// `HOST:PORT`. Failing to resolve is an error naming the host.
+    pub fn relays(&self) -> Result<Vec<String>> {
+        let all = resolve_all(&self.hostname, self.port)?;
+        Ok(all.iter().map(SocketAddr::to_string).collect())
+    }
+
+    /// The same registrar with a TLS session cache of its own. Relay nodes
+    /// share the registrar's name but not their sessions: with one cache the
+    /// slots of one node would offer the other node's tickets, and fall back to
+    /// a full handshake each time.
+    fn with_own_sessions(&self) -> Registrar {
+        let mut own = self.clone();
+        if let Some(cfg) = &self.tls {
+            let mut cfg = (**cfg).clone();
+            cfg.resumption = rustls::client::Resumption::default();
+            own.tls = Some(Arc::new(cfg));
+        }
+        own
+    }
+
+    /// Registers `label` at `server.hostname:server.port` and returns the
+    /// plug's address, following redirects.
     pub fn register(&self, label: &str) -> std::result::Result<SocketAddr, RegisterError> {
-        let mut target = (self.connect.clone(), self.name.clone());
+        self.register_via(&self.connect, label)
+    }
+
+    /// Registers `label` by connecting to `relay` (HOST:PORT), with `Host`, SNI
+    /// and certificate check for the registrar's name all the same, and returns
+    /// the plug's address, following redirects.
+    pub fn register_via(
+        &self,
+        relay: &str,
+        label: &str,
+    ) -> std::result::Result<SocketAddr, RegisterError> {
+        let mut target = (relay.to_string(), self.name.clone());
         for _ in 0..=MAX_REDIRECTS {
             match self.register_at(&target.0, &target.1, label) {
                 Err(RegisterError::Refused {
@@ -152,7 +201,7 @@ impl Registrar {
                     target = parse_location(&loc).ok_or_else(|| {
                         RegisterError::Net(Error::BadRequest(format!("bad Location {loc:?}")))
                     })?;
-                    log::info!("registration redirected to {}", target.0);
+                    log::info!("relay {relay}: registration redirected to {}", target.0);
                 }
                 other => return other,
             }
@@ -201,6 +250,79 @@ impl Registrar {
             body: body.lines().next().unwrap_or("").to_string(),
         })
     }
+}
+
+/// A `--relay` value, checked: `HOST:PORT` with HOST an IPv4 address, an IPv6
+/// address in brackets or a DNS name (resolved at each connection), and PORT 1
+/// to 65535. Anything else is a usage error naming the value.
+pub fn parse_relay(value: &str) -> Result<String> {
+    let bad = |why: &str| {
+        Error::Usage(format!(
+            "bad --relay {value:?}: {why} (expected HOST:PORT, e.g. 192.0.2.7:443 or [2001:db8::7]:443)"
+        ))
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
+    if let Some(inner) = host.strip_prefix('[') {
+        let ip = inner
+            .strip_suffix(']')
+            .and_then(|h| h.parse::<Ipv6Addr>().ok())
+            .ok_or_else(|| bad("not an IPv6 address in brackets"))?;
+        return Ok(SocketAddr::from((ip, port)).to_string());
+    }
+    if host.contains(':') {
+        return Err(bad("an IPv6 address goes in brackets"));
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let ip = host
+            .parse::<Ipv4Addr>()
+            .map_err(|_| bad("not an IPv4 address"))?;
+        return Ok(SocketAddr::from((ip, port)).to_string());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(bad("the host is neither an IP address nor a DNS name"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+/// Every address `host` (a name, or an IP address, IPv6 with or without
+/// brackets) resolves to, with `port`, each once, in the resolver's order.
+fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let resolve = |err| Error::Resolve {
+        host: host.to_string(),
+        err,
+    };
+    let found = (bare, port).to_socket_addrs().map_err(resolve)?;
+    let all = each_once(found);
+    if all.is_empty() {
+        return Err(resolve(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no address",
+        )));
+    }
+    Ok(all)
+}
+
+/// `items` without repeats, in their first order.
+fn each_once<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
 }
 
 /// `https://host[:port]/…` to (connect address, host name).
@@ -257,9 +379,13 @@ fn exchange(
 pub struct ExposeConfig {
     /// The label served.
     pub label: String,
+    /// The relays to keep `pool` registrations waiting at, each `HOST:PORT`
+    /// (`parse_relay`); empty: every address of the provisioning file's
+    /// `server.hostname` (`Registrar::relays`).
+    pub relays: Vec<String>,
     /// The local service, HOST:PORT.
     pub to: String,
-    /// Registrations kept waiting.
+    /// Registrations kept waiting at each relay.
     pub pool: usize,
     /// Connect to the local service before the mobile client speaks.
     pub eager: bool,
@@ -278,13 +404,20 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `cfg.pool` slots.
+    /// Starts `cfg.pool` slots for each relay (resolving `server.hostname`
+    /// when `cfg.relays` is empty).
     pub fn start(registrar: Registrar, cfg: ExposeConfig) -> Result<Agent> {
         if cfg.eager && cfg.tls.is_some() {
             return Err(Error::Usage(EAGER_TLS.into()));
         }
+        let (relays, whence) = if cfg.relays.is_empty() {
+            let all = registrar.relays()?;
+            let whence = format!(" (every address of {})", registrar.hostname);
+            (all, whence)
+        } else {
+            (each_once(cfg.relays.iter().cloned()), String::new())
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let registrar = Arc::new(registrar);
         let cfg = Arc::new(cfg);
         let tls = cfg.tls.as_ref().map_or_else(String::new, |t| {
             format!(
@@ -294,23 +427,30 @@ impl Agent {
             )
         });
         log::info!(
-            "exposing {} as {} via {} with {} waiting{tls}",
+            "exposing {} as {} via {}{whence} with {} waiting at each{tls}",
             cfg.to,
             cfg.label,
-            registrar.connect,
+            relays.join(", "),
             cfg.pool
         );
-        for n in 0..cfg.pool {
-            let s = Slot {
-                n,
-                registrar: registrar.clone(),
-                cfg: cfg.clone(),
-                stop: stop.clone(),
-            };
-            spawn("slot", AGENT_STACK, move || slot(&s))
-                .map_err(|e| Error::io("spawn thread", e))?;
+        let agent = Agent { stop };
+        for relay in relays {
+            // One session cache per node, shared by its slots.
+            let registrar = Arc::new(registrar.with_own_sessions());
+            for n in 0..cfg.pool {
+                let s = Slot {
+                    tag: format!("relay {relay}: slot {n}").into(),
+                    relay: relay.as_str().into(),
+                    registrar: registrar.clone(),
+                    cfg: cfg.clone(),
+                    stop: agent.stop.clone(),
+                };
+                // On an error the slots already started stop with `agent`.
+                spawn("slot", AGENT_STACK, move || slot(&s))
+                    .map_err(|e| Error::io("spawn thread", e))?;
+            }
         }
-        Ok(Agent { stop })
+        Ok(agent)
     }
 
     /// Asks the slots to stop.
@@ -334,26 +474,23 @@ struct Failures {
 }
 
 impl Failures {
-    fn note(&mut self, slot: usize, what: &str) {
+    fn note(&mut self, slot: &str, what: &str) {
         self.count += 1;
         if self.count == 1 {
-            log::warn!("slot {slot}: {what}; retrying");
+            log::warn!("{slot}: {what}; retrying");
             self.reported = Instant::now();
         } else if self.reported.elapsed() >= REPORT_EVERY {
             log::warn!(
-                "slot {slot}: still failing after {} attempts: {what}",
+                "{slot}: still failing after {} attempts: {what}",
                 self.count
             );
             self.reported = Instant::now();
         }
     }
 
-    fn success(&mut self, slot: usize) {
+    fn success(&mut self, slot: &str) {
         if self.count > 0 {
-            log::info!(
-                "slot {slot}: registered again after {} failures",
-                self.count
-            );
+            log::info!("{slot}: registered again after {} failures", self.count);
         }
         self.count = 0;
     }
@@ -381,11 +518,14 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
     false
 }
 
-/// One of the `pool` slots: what its thread needs, and hands to the thread that
-/// takes the slot over.
+/// One of the `pool` slots of one relay: what its thread needs, and hands to
+/// the thread that takes the slot over.
 #[derive(Clone)]
 struct Slot {
-    n: usize,
+    /// `relay HOST:PORT: slot N`, what its log lines start with.
+    tag: Arc<str>,
+    /// The relay it registers at (HOST:PORT).
+    relay: Arc<str>,
     registrar: Arc<Registrar>,
     cfg: Arc<ExposeConfig>,
     stop: Arc<AtomicBool>,
@@ -395,13 +535,13 @@ struct Slot {
 /// whose mobile client spoke pipes it in this thread, and hands the slot to a
 /// new thread once the first answer is on its way (`Waited::HandedOver`).
 fn slot(s: &Slot) {
-    let (n, registrar, cfg, stop) = (s.n, &*s.registrar, &*s.cfg, &*s.stop);
+    let (n, registrar, cfg, stop) = (&*s.tag, &*s.registrar, &*s.cfg, &*s.stop);
     let mut failures = Failures {
         count: 0,
         reported: Instant::now(),
     };
     while !stop.load(Ordering::SeqCst) {
-        let wait = match registrar.register(&cfg.label) {
+        let wait = match registrar.register_via(&s.relay, &cfg.label) {
             Ok(plug) => match TcpStream::connect_timeout(&plug, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     let since = Instant::now();
@@ -494,7 +634,7 @@ enum Waited {
 /// passed back or `REFILL_DELAY` has gone by; with `eager` or `tls`, in a pipe
 /// thread.
 fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
-    let (n, cfg, stop) = (s.n, &*s.cfg, &*s.stop);
+    let (n, cfg, stop) = (&*s.tag, &*s.cfg, &*s.stop);
     // The relay may vanish without a FIN (host down, NAT mapping lost): the
     // agent never sends on a waiting connection, so only keepalive notices.
     let _ = set_keepalive(&relayed);
@@ -525,24 +665,24 @@ fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
     let peer = relayed
         .peer_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
-    let to = cfg.to.clone();
+    let (to, at) = (cfg.to.clone(), s.relay.clone());
     let spawned = match (early, &cfg.tls) {
         (_, Some(cert)) => {
             let config = cert.current();
             spawn("tls-pipe", terminate::TLS_STACK, move || {
-                tls_pipe(relayed, config, &peer, &to);
+                tls_pipe(relayed, config, &at, &peer, &to);
             })
         }
         (Some(local), None) => spawn("pipe", AGENT_STACK, move || {
             match relay::one_way(&relayed, &local) {
-                Ok(moved) => log::info!("pipe via {peer} to {to} done: {moved} up"),
-                Err(e) => log::info!("pipe via {peer} to {to}: {e}"),
+                Ok(moved) => log::info!("relay {at}: pipe via {peer} to {to} done: {moved} up"),
+                Err(e) => log::info!("relay {at}: pipe via {peer} to {to}: {e}"),
             }
         }),
         (None, None) => return pipe_here(s, relayed, &peer),
     };
     if let Err(e) = spawned {
-        log::error!("slot {n}: {e}");
+        log::error!("{n}: {e}");
     }
     Waited::Spoke
 }
@@ -551,11 +691,11 @@ fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
 /// in this thread, and hands the slot to a new thread once the first answer
 /// has been passed back (or after `REFILL_DELAY`).
 fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
-    let (n, to) = (s.n, &s.cfg.to);
+    let (n, to) = (&*s.tag, &s.cfg.to);
     let local = match connect_to(to, "connect to local service") {
         Ok(local) => local,
         Err(e) => {
-            log::warn!("local service {to} unreachable: {e}; closed that mobile connection");
+            log::warn!("{n}: local service {to} unreachable: {e}; closed that mobile connection");
             return Waited::Spoke;
         }
     };
@@ -567,7 +707,7 @@ fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
             let next = s.clone();
             match spawn("slot", AGENT_STACK, move || slot(&next)) {
                 Ok(_) => handed = true,
-                Err(e) => log::error!("slot {n}: {e}; registering again after this connection"),
+                Err(e) => log::error!("{n}: {e}; registering again after this connection"),
             }
             Ok(())
         },
@@ -587,7 +727,7 @@ fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
     );
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
     log::info!(
-        "pipe via {peer} to {to}: {} up, {} down{how}",
+        "{n}: pipe via {peer} to {to}: {} up, {} down{how}",
         moved.up,
         moved.down
     );
@@ -600,25 +740,28 @@ fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
 
 /// One relayed connection with TLS ended here: the handshake (under its
 /// deadline), then the local service, then both directions in this thread.
-fn tls_pipe(relayed: TcpStream, config: Arc<rustls::ServerConfig>, peer: &str, to: &str) {
+/// `at` (the relay) and `peer` (the relayed connection's far end) are for the log.
+fn tls_pipe(relayed: TcpStream, config: Arc<rustls::ServerConfig>, at: &str, peer: &str, to: &str) {
     let (conn, relayed) = match terminate::handshake(relayed, config) {
         Ok(done) => done,
         Err(e) => {
-            log::info!("tls via {peer}: {e}; closed that mobile connection");
+            log::info!("relay {at}: tls via {peer}: {e}; closed that mobile connection");
             return;
         }
     };
     let local = match connect_to(to, "connect to local service") {
         Ok(local) => local,
         Err(e) => {
-            log::warn!("local service {to} unreachable: {e}; closed that mobile connection");
+            log::warn!(
+                "relay {at}: local service {to} unreachable: {e}; closed that mobile connection"
+            );
             return;
         }
     };
     let (moved, err) = terminate::pipe(conn, &relayed, &local);
     let how = err.map_or_else(String::new, |e| format!(" ({e})"));
     log::info!(
-        "tls pipe via {peer} to {to}: {} up, {} down{how}",
+        "relay {at}: tls pipe via {peer} to {to}: {} up, {} down{how}",
         moved.up,
         moved.down
     );
@@ -626,14 +769,14 @@ fn tls_pipe(relayed: TcpStream, config: Arc<rustls::ServerConfig>, peer: &str, t
 
 /// Waits until the mobile side's first octet arrives (true), or the waiting
 /// connection ends or the agent stops (false).
-fn mobile_spoke(n: usize, relayed: &TcpStream, stop: &AtomicBool) -> bool {
+fn mobile_spoke(n: &str, relayed: &TcpStream, stop: &AtomicBool) -> bool {
     loop {
         match peer_state(relayed, WAIT_TICK) {
             PeerState::Speaking => return true,
             PeerState::Quiet if !stop.load(Ordering::SeqCst) => {}
             PeerState::Quiet => return false,
             PeerState::Gone => {
-                log::debug!("slot {n}: relay closed the waiting connection");
+                log::debug!("{n}: relay closed the waiting connection");
                 return false;
             }
         }
@@ -669,6 +812,74 @@ mod tests {
             Some(("reg.example.com:443".into(), "reg.example.com".into()))
         );
         assert_eq!(parse_location("nonsense"), None);
+    }
+
+    #[test]
+    fn relay_values() {
+        for (given, want) in [
+            ("127.0.0.2:8443", "127.0.0.2:8443"),
+            ("[::1]:443", "[::1]:443"),
+            ("[2001:DB8::7]:443", "[2001:db8::7]:443"),
+            ("relay-2.example.com:443", "relay-2.example.com:443"),
+            ("relay.example.com.:443", "relay.example.com.:443"),
+            ("localhost:1", "localhost:1"),
+        ] {
+            assert_eq!(parse_relay(given).unwrap(), want, "{given}");
+        }
+        for bad in [
+            "",
+            "127.0.0.2",
+            "127.0.0.2:",
+            "127.0.0.2:0",
+            "127.0.0.2:65536",
+            "127.0.0.2:https",
+            ":8443",
+            "::1:443",
+            "[::1:443",
+            "[127.0.0.1]:443",
+            "300.0.0.1:443",
+            "1.2.3:443",
+            "relay..example.com:443",
+            "re lay:443",
+            "https://relay.example.com:443",
+        ] {
+            let e = parse_relay(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains(&format!("bad --relay {bad:?}")),
+                "{bad}: the error names the value: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_resolves_to_each_of_its_addresses_once() {
+        // `localhost` is the one name every resolver knows: 127.0.0.1, and ::1
+        // where the system lists it. All of them, not only the first.
+        let all = resolve_all("localhost", 8443).unwrap();
+        let mut listed: Vec<SocketAddr> = ("localhost", 8443).to_socket_addrs().unwrap().collect();
+        listed.dedup();
+        for a in &listed {
+            assert!(all.contains(a), "{a} missing from {all:?}");
+        }
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.ip().is_loopback() && a.port() == 8443, "{a}");
+            assert!(!all[..i].contains(a), "{a} twice in {all:?}");
+        }
+        let v4: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let v6: SocketAddr = "[::1]:8443".parse().unwrap();
+        assert!(all.contains(&v4) || all.contains(&v6), "{all:?}");
+        // IP addresses are themselves; IPv6 with or without brackets.
+        assert_eq!(resolve_all("::1", 1).unwrap(), ["[::1]:1".parse().unwrap()]);
+        assert_eq!(
+            resolve_all("[::1]", 1).unwrap(),
+            ["[::1]:1".parse().unwrap()]
+        );
+        assert_eq!(each_once([3, 1, 3, 2, 1]), [3, 1, 2]);
+        // A name that cannot resolve (RFC 6761: .invalid never does) is named.
+        let e = resolve_all("no-such-host.invalid", 443)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot resolve no-such-host.invalid:"), "{e}");
     }
 
     #[test]

@@ -199,6 +199,13 @@ pub enum Error {
         /// The underlying error.
         err: io::Error,
     },
+    /// A host name could not be resolved to any address.
+    Resolve {
+        /// The name.
+        host: String,
+        /// What the resolver said.
+        err: io::Error,
+    },
     /// A listener could not be bound.
     Listen {
         /// What listens there ("the well-known port", "status_listen", …).
@@ -397,6 +404,7 @@ impl fmt::Display for Error {
                 names.join(", ")
             ),
             Error::Io { phase, err } => write!(f, "{phase}: {err}"),
+            Error::Resolve { host, err } => write!(f, "cannot resolve {host}: {err}"),
             Error::Listen { what, addr, err } => write!(f, "cannot listen on {what} {addr}: {err}"),
             Error::Encode(why) => write!(f, "cannot encode {why}"),
             Error::BadTotp(why) | Error::Usage(why) => write!(f, "{why}"),
@@ -411,6 +419,7 @@ impl std::error::Error for Error {
             Error::File { err, .. }
             | Error::FixedPortUnavailable { err, .. }
             | Error::Io { err, .. }
+            | Error::Resolve { err, .. }
             | Error::Listen { err, .. } => Some(err),
             _ => None,
         }

@@ -57,9 +57,13 @@ struct Expose {
     /// the local service, HOST:PORT
     #[argh(option)]
     to: String,
-    /// registrations kept waiting (default 5)
+    /// registrations kept waiting at each relay (default 5)
     #[argh(option, default = "5")]
     pool: usize,
+    /// a relay node to keep the pool waiting at, HOST:PORT; repeat for each
+    /// node (default: every address the file's server.hostname resolves to)
+    #[argh(option)]
+    relay: Vec<String>,
     /// the label to serve when the file has several (default: the first)
     #[argh(option)]
     label: Option<String>,
@@ -473,6 +477,11 @@ fn expose(a: Expose) -> Result<()> {
     if a.pool == 0 || a.pool > 64 {
         return Err(Error::Usage("--pool must be 1 to 64".into()));
     }
+    let relays = a
+        .relay
+        .iter()
+        .map(|r| taas::agent::parse_relay(r))
+        .collect::<Result<Vec<_>>>()?;
     let registrar = taas::agent::Registrar::from_provision(&p)?;
     // Installed before the slots start: a SIGHUP from then on reloads, never kills.
     let signals = taas::sys::signals().map_err(|e| Error::io("signal set-up", e))?;
@@ -480,6 +489,7 @@ fn expose(a: Expose) -> Result<()> {
         registrar,
         taas::agent::ExposeConfig {
             label,
+            relays,
             to: a.to,
             pool: a.pool,
             eager: a.eager,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use support::{free_port, taas, taas_bin, wait_until};
+use support::{free_port, taas_bin, wait_until};
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -48,22 +48,7 @@ fn setup() -> Setup {
         ),
     )
     .unwrap();
-    let c = config.to_str().unwrap();
-    assert!(taas(dir.path(), &["cert", "-c", c]).0);
-    let (ok, out, err) = taas(
-        dir.path(),
-        &[
-            "users",
-            "add",
-            "web",
-            "--out",
-            &format!("{d}/prov"),
-            "-c",
-            c,
-        ],
-    );
-    assert!(ok, "{err}");
-    let provision = PathBuf::from(out.lines().next().unwrap());
+    let provision = support::cert_and_account(dir.path(), &config, "web");
     let bundle = dir.path().join("bundle.pem");
     Setup {
         port,
@@ -600,22 +585,7 @@ impl FakeRegistrar {
 
     /// A provisioning file for it, in `dir`.
     fn provision(&self, dir: &Path) -> PathBuf {
-        let p = taas::provision::Provision {
-            uuid: vec!["8f6b2c1e-4d3a-4b5c-9e7f-0a1b2c3d4e5f".into()],
-            labels: vec!["web".into()],
-            base32: "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP".into(),
-            step: 30,
-            digits: 6,
-            algorithm: "sha1".into(),
-            protocol: "totp".into(),
-            name: "web.taas.localhost".into(),
-            issuer: "http://registrar.localhost".into(),
-            server: taas::provision::ServerInfo {
-                hostname: "127.0.0.1".into(),
-                port: self.port,
-                ca: None,
-            },
-        };
+        let p = support::plain_provision("127.0.0.1", self.port);
         p.write(dir).unwrap().0
     }
 

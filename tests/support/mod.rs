@@ -80,6 +80,44 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// `taas users add LABEL --out OUT -c CONFIG` in `dir`: (exit ok, stdout,
+/// stderr); stdout's first line is the provisioning file's path.
+pub fn users_add(dir: &Path, config: &Path, label: &str, out: &Path) -> (bool, String, String) {
+    let (out, config) = (out.to_str().unwrap(), config.to_str().unwrap());
+    taas(dir, &["users", "add", label, "--out", out, "-c", config])
+}
+
+/// `taas cert -c CONFIG`, then `users_add` of LABEL into `dir/prov`; returns
+/// the provisioning file's path.
+pub fn cert_and_account(dir: &Path, config: &Path, label: &str) -> PathBuf {
+    let (ok, _, err) = taas(dir, &["cert", "-c", config.to_str().unwrap()]);
+    assert!(ok, "taas cert: {err}");
+    let (ok, stdout, err) = users_add(dir, config, label, &dir.join("prov"));
+    assert!(ok, "users add {label}: {err}");
+    PathBuf::from(stdout.lines().next().unwrap())
+}
+
+/// A provisioning file for a relay without TLS (`http://` issuer) at
+/// `hostname:port`: account `8f6b2c1e-…`, label `web`, a fixed secret.
+pub fn plain_provision(hostname: &str, port: u16) -> Provision {
+    Provision {
+        uuid: vec!["8f6b2c1e-4d3a-4b5c-9e7f-0a1b2c3d4e5f".into()],
+        labels: vec!["web".into()],
+        base32: "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP".into(),
+        step: 30,
+        digits: 6,
+        algorithm: "sha1".into(),
+        protocol: "totp".into(),
+        name: "web.taas.localhost".into(),
+        issuer: "http://registrar.localhost".into(),
+        server: taas::provision::ServerInfo {
+            hostname: hostname.into(),
+            port,
+            ca: None,
+        },
+    }
+}
+
 /// A relay running in this process, in its own temporary directory.
 pub struct TestRelay {
     /// The directory: config, certificate, accounts, provisioning files.
@@ -146,18 +184,7 @@ impl TestRelay {
     /// `taas users add LABEL` against this relay's config; returns the file.
     pub fn add_account(&self, label: &str) -> Provision {
         let out = self.dir.path().join("prov");
-        let (ok, stdout, err) = taas(
-            self.dir.path(),
-            &[
-                "users",
-                "add",
-                label,
-                "--out",
-                out.to_str().unwrap(),
-                "-c",
-                self.config_path.to_str().unwrap(),
-            ],
-        );
+        let (ok, stdout, err) = users_add(self.dir.path(), &self.config_path, label, &out);
         assert!(ok, "users add {label}: {err}");
         Provision::load(Path::new(stdout.lines().next().unwrap())).unwrap()
     }
