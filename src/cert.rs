@@ -29,8 +29,10 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::error::{Error, Result};
-use crate::store::Account;
+use crate::redis_link::RedisLink;
+use crate::store::{Account, StoreSpec};
 use crate::sys::{create_private, random_bytes, unix_time};
 use crate::tls::{load_certs, warn_if_readable};
 
@@ -464,26 +466,46 @@ pub fn ensure_default(config: &Config) -> Result<Made> {
 }
 
 /// `LABEL.servers_domain` for every label of `account` (a fixed-port `cam:8888`
-/// gives `cam.servers_domain`), once each.
-pub fn label_names(config: &Config, account: &Account) -> Result<Vec<String>> {
+/// gives `cam.servers_domain`), once each; and, for each of `nodes`,
+/// `LABEL.NODE.servers_domain` (the name a cross-node 307 gives).
+pub fn label_names(config: &Config, account: &Account, nodes: &[String]) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for text in &account.labels {
-        let name = format!(
-            "{}.{}",
-            crate::label::Entry::parse(text)?.name,
-            config.servers_domain
-        );
-        if !names.contains(&name) {
-            names.push(name);
+        let label = crate::label::Entry::parse(text)?.name;
+        let domain = &config.servers_domain;
+        let each = std::iter::once(format!("{label}.{domain}"))
+            .chain(nodes.iter().map(|node| format!("{label}.{node}.{domain}")));
+        for name in each {
+            if !names.contains(&name) {
+                names.push(name);
+            }
         }
     }
     Ok(names)
 }
 
+/// The node names a label certificate must carry: every node that ever
+/// joined the shared directory in this config's Redis, and this config's
+/// own `node`; none for a relay that is no node.
+pub fn node_names(config: &Config) -> Result<Vec<String>> {
+    let mut nodes = Vec::new();
+    if let StoreSpec::Redis(url) = &config.store
+        && config.node.is_some()
+    {
+        nodes = Directory::known_nodes(&RedisLink::parse(url, 1)?)?;
+    }
+    if let Some(own) = &config.node
+        && !nodes.contains(own)
+    {
+        nodes.push(own.clone());
+    }
+    Ok(nodes)
+}
+
 /// A certificate from the relay's CA for every label of `account`, with a new
 /// key. Reads the CA key and drops it before returning.
 pub fn issue_label_cert(config: &Config, account: &Account) -> Result<Issued> {
-    let names = label_names(config, account)?;
+    let names = label_names(config, account, &node_names(config)?)?;
     let first = names.first().cloned().ok_or_else(|| Error::BadAccount {
         id: account.uuid.clone(),
         reason: "no label".into(),

@@ -47,6 +47,10 @@ use crate::sys::{lock, now_millis, random_bytes};
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long an entry lives unless refreshed: three heartbeats.
 pub const TTL: Duration = Duration::from_secs(6);
+/// A node that has not beaten for this long is not redirected to (one beat
+/// missed, with room for a slow one): a killed node is passed over within
+/// about one heartbeat, well before its entries' TTL.
+pub const FRESH: Duration = Duration::from_millis(3000);
 /// The longest a mobile request waits for a directory read (a cache miss).
 pub const SHORT_READ: Duration = Duration::from_millis(300);
 /// The longest a registration waits for a shared security check.
@@ -207,21 +211,23 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return {now, redis.call('HGETALL', KEYS[1])}
 ";
 
-/// Joins the live-node set and drops members whose time has passed; returns
-/// Redis's time and the live members. KEYS: `NODES`, `KNOWN`. ARGV: node,
-/// TTL ms (0: leave).
+/// Joins (or leaves) the live-node set and drops members whose time has
+/// passed; returns Redis's time and the members that beat within `FRESH` (a
+/// node that missed its beat is not redirected to, though its entries live
+/// on to their TTL). KEYS: `NODES`, `KNOWN`. ARGV: node, TTL ms, FRESH ms,
+/// `join` or `leave`.
 const BEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
-if ttl > 0 then
+if ARGV[4] == 'join' then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[1])
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
+return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now + ttl - tonumber(ARGV[3]), '+inf')}
 ";
 
 /// A token bucket, in Redis's time. KEYS: the bucket. ARGV: budget, refill
@@ -467,6 +473,8 @@ impl Directory {
                 .arg(KNOWN)
                 .arg(&self.node)
                 .arg(ttl)
+                .arg(FRESH.as_millis() as u64)
+                .arg("join")
                 .query(c)?;
             let mut records = Vec::new();
             for node in beat.1.iter().filter(|n| **n != self.node) {
@@ -521,7 +529,9 @@ impl Directory {
                 .arg(NODES)
                 .arg(KNOWN)
                 .arg(&self.node)
-                .arg(0)
+                .arg(TTL.as_millis() as u64)
+                .arg(FRESH.as_millis() as u64)
+                .arg("leave")
                 .query::<redis::Value>(c)
                 .map(|_| ())
         });

@@ -313,3 +313,95 @@ fn node_with_a_file_store_is_refused_naming_both() {
     assert!(!ok);
     assert!(err.contains("node") && err.contains("Redis store"), "{err}");
 }
+
+/// `taas expose --tls` with `--relay` at a and c; curl as the mobile at b
+/// follows the cross-node 307 and checks the label certificate by the name
+/// the 307 gave (`demo.a.taas.localhost` or `demo.c.…`: `taas users add`
+/// names every node). a killed: once b has passed over it (about one
+/// heartbeat), no request fails.
+#[test]
+fn curl_follows_a_cross_node_307_to_taas_expose_and_losing_a_node_loses_no_request() {
+    if !support::need_tool("/usr/bin/curl", "curl") {
+        return;
+    }
+    let mut c = Cluster::start(&["a", "b", "c"], "");
+    let app = support::PlainApp::start();
+    let prov_dir = c.dir.path().join("prov");
+    let json = prov_dir.join(format!("{}.json", c.prov.id()));
+    let log = c.dir.path().join("agent.log");
+    let (a, cc) = (
+        c.node("a").addr().to_string(),
+        c.node("c").addr().to_string(),
+    );
+    let _agent = support::expose(
+        &json,
+        app.port,
+        &["--tls", "--relay", &a, "--relay", &cc, "--pool", "2"],
+        &log,
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || c.waiting("a") == 2
+            && c.waiting("c") == 2),
+        "agent log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 2));
+    let ca = c.dir.path().join("ca.crt");
+    let b_port = c.node("b").port;
+    let fetch = |path: &str| {
+        support::curl(&[
+            "-sS",
+            "-L",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--connect-to",
+            "demo.taas.localhost::127.0.0.3:",
+            "--connect-to",
+            "demo.a.taas.localhost::127.0.0.2:",
+            "--connect-to",
+            "demo.c.taas.localhost::127.0.0.4:",
+            "-w",
+            "\n%{url_effective}",
+            &format!("https://demo.taas.localhost:{b_port}{path}"),
+        ])
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let (ok, out, err) = fetch(&format!("/page{i}?q={i}"));
+        assert!(ok, "curl: {err}");
+        assert!(out.contains(support::APP_TEXT), "{out}");
+        assert!(
+            out.contains(&format!("/page{i}")),
+            "the path reached the app: {out}"
+        );
+        let effective = out.lines().last().unwrap().to_string();
+        seen.insert(effective.split('.').nth(1).unwrap().to_string());
+    }
+    assert!(seen.iter().all(|n| n == "a" || n == "c"), "{seen:?}");
+
+    c.node_mut("a").kill();
+    assert!(
+        wait_until(one_beat(), || !c
+            .node("b")
+            .peers()
+            .contains(&"a".to_string())),
+        "b still lists a"
+    );
+    for i in 0..8 {
+        let (ok, out, err) = fetch(&format!("/after{i}"));
+        assert!(ok, "request {i} after a was killed: {err}");
+        assert!(out.contains(support::APP_TEXT));
+        assert!(
+            out.lines()
+                .last()
+                .unwrap()
+                .contains("demo.c.taas.localhost"),
+            "{out}"
+        );
+    }
+}
