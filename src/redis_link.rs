@@ -282,12 +282,7 @@ fn parse_sentinel(rest: &str) -> std::result::Result<SentinelUrl, String> {
         None | Some("") => 0,
         Some(text) => match text.parse::<i64>() {
             Ok(db) if db >= 0 => db,
-            _ => {
-                return Err(format!(
-                    "bad DB {} after /MASTER (0 or more)",
-                    number_or_not(text)
-                ));
-            }
+            _ => return Err(bad_number("DB", text, "0 or more after /MASTER")),
         },
     };
     if segments.next().is_some() {
@@ -328,18 +323,19 @@ fn parse_host_port(part: &str) -> std::result::Result<(String, u16), String> {
     }
     match port.parse::<u16>() {
         Ok(p) if p != 0 => Ok((host.to_string(), p)),
-        _ => Err(format!("bad port {} (1 to 65535)", number_or_not(port))),
+        _ => Err(bad_number("port", port, "1 to 65535")),
     }
 }
 
-/// `text` quoted when it is a number (so no other text of the URL is ever
-/// repeated in an error), else "(not a number)".
-fn number_or_not(text: &str) -> String {
+/// Why `text` is no good `what` (`range`: the numbers that are). `text` is
+/// quoted only when it is a number, so no other text of the URL is ever
+/// repeated in an error.
+fn bad_number(what: &str, text: &str, range: &str) -> String {
     let digits = text.strip_prefix('-').unwrap_or(text);
     if !digits.is_empty() && digits.len() <= 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
-        format!("{text:?}")
+        format!("bad {what} {text:?} ({range})")
     } else {
-        "(not a number)".into()
+        format!("bad {what}: not a number ({range})")
     }
 }
 
@@ -417,13 +413,13 @@ mod tests {
             ("h:1,/m", "sentinel 2: empty"),
             ("h:1,,h:2/m", "sentinel 2: empty"),
             ("h/m", "sentinel 1: no :PORT"),
-            ("h:x/m", "sentinel 1: bad port (not a number)"),
+            ("h:x/m", "sentinel 1: bad port: not a number"),
             ("h:0/m", "sentinel 1: bad port \"0\""),
             ("h:1,h:70000/m", "sentinel 2: bad port \"70000\""),
             (":1/m", "sentinel 1: no host"),
             ("::1:1/m", "[brackets]"),
             ("[::1/m", "no ]"),
-            ("h:1/m/x", "bad DB (not a number)"),
+            ("h:1/m/x", "bad DB: not a number"),
             ("h:1/m/-1", "bad DB \"-1\""),
             ("h:1/m/0/z", "unexpected text"),
             ("h:1/m?db=1", "no ?query"),
