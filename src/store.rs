@@ -10,7 +10,8 @@
 //!   crash leaves the old file whole and two writers never lose each other's work;
 //!   every read goes to the file, so another process's change is seen at once;
 //! - Redis failures are `StoreUnavailable`, never "no such account"; a dropped
-//!   connection is re-opened on the next call.
+//!   connection is re-opened on the next call (through Sentinel, at the server
+//!   the sentinels name master then).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -51,7 +52,9 @@ const SCAN_COUNT: usize = 200;
 pub enum StoreSpec {
     /// `file:PATH`.
     File(PathBuf),
-    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`, kept whole for the redis crate.
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` or
+    /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`, kept
+    /// whole for `RedisLink`.
     Redis(String),
 }
 
