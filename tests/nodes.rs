@@ -405,3 +405,57 @@ fn curl_follows_a_cross_node_307_to_taas_expose_and_losing_a_node_loses_no_reque
         );
     }
 }
+
+/// A node whose clock is off from Redis's by more than a TOTP step refuses
+/// registrations (503, saying why) and logs it; the others go on.
+#[test]
+fn a_node_whose_clock_is_off_from_redis_refuses_registrations_and_says_so() {
+    if !support::need_tool("/usr/bin/faketime", "faketime") {
+        return;
+    }
+    let mut c = Cluster::start(&["a"], "");
+    c.add_wrapped("b", &["faketime", "-f", "+90s"]);
+    assert!(wait_until(one_beat(), || {
+        c.node("b").node_status()["clock_off_ms"]
+            .as_i64()
+            .is_some_and(|off| off > 60_000)
+    }));
+    let token = c.token();
+    let r = c.register("b", &token, None);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("30"));
+    let log = std::fs::read_to_string(&c.node("b").log).unwrap();
+    assert!(log.contains("off from Redis"), "{log}");
+    assert_eq!(c.register("a", &token, None).status, 200);
+}
+
+/// A mobile another node sent that never pairs (the responder it was sent
+/// for taken meanwhile) is counted as a stale redirect where it arrived.
+#[test]
+fn a_redirect_that_never_pairs_is_counted_stale() {
+    let c = Cluster::start(&["a", "b"], "pair_wait = 1");
+    let _r = c.responder("a");
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    let r = c.get("b", "/late");
+    assert_eq!(r.status, 307);
+    let q = location(&r).1;
+    // Someone else (another address) takes a's only responder first.
+    let mut other = support::connect_from(
+        ip("127.0.0.9"),
+        std::net::SocketAddr::new(ip("127.0.0.2"), q),
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut other, b"first").unwrap();
+    assert!(wait_until(one_beat(), || c.waiting("a") == 0));
+    // The redirected mobile arrives and sends: nobody to pair with.
+    let mut late = std::net::TcpStream::connect(("127.0.0.2", q)).unwrap();
+    std::io::Write::write_all(&mut late, b"late").unwrap();
+    assert!(wait_until(one_beat() * 2, || c
+        .node("a")
+        .counter("stale_redirects")
+        == 1));
+    assert_eq!(c.node("a").counter("redirects_received"), 0);
+}

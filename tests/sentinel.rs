@@ -217,7 +217,9 @@ fn register_until_ok(relay: &TestRelay, p: &taas::provision::Provision, label: &
 fn registrations_follow_a_sentinel_failover() {
     let started = Instant::now();
     let cluster = Cluster::start();
-    let relay = TestRelay::start_with_store("", Some(&cluster.url()));
+    // A node of the shared directory: its heartbeat, subscriber and shared
+    // security state go through the sentinels too.
+    let relay = TestRelay::start_with_store("node = \"a\"", Some(&cluster.url()));
     assert!(
         relay
             .server
@@ -305,6 +307,26 @@ fn registrations_follow_a_sentinel_failover() {
     );
     let r = relay.register(&q, "second");
     assert_eq!(r.status, 200, "{r:?}");
+
+    // The directory followed: a responder waiting now is offered on the new
+    // master, and the subscriber listens there again.
+    let _responder = relay.responder(&q, "second");
+    assert!(
+        poll(FAILOVER, || ask::<bool>(
+            cluster.replica_port,
+            &["HEXISTS", "taas:{second}:nodes", "a"]
+        )
+        .unwrap_or(false)),
+        "no directory entry on the new master"
+    );
+    assert!(
+        poll(FAILOVER, || ask::<(String, i64)>(
+            cluster.replica_port,
+            &["PUBSUB", "NUMSUB", taas::directory::CHANNEL]
+        )
+        .is_ok_and(|(_, n)| n >= 1)),
+        "the subscriber did not come back on the new master"
+    );
 
     let slowest = during
         .iter()

@@ -286,6 +286,21 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
+    /// `add`, the process started under `wrapper` (e.g. `faketime -f +90s`).
+    pub fn add_wrapped(&mut self, name: &str, wrapper: &[&str]) -> usize {
+        let node = start_node_under(
+            self.dir.path(),
+            self.redis.port,
+            self.next_host,
+            name,
+            &self.extra,
+            wrapper,
+        );
+        self.next_host += 1;
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
     /// Removes the node named `name` from the list (killing it).
     pub fn remove(&mut self, name: &str) {
         self.nodes.retain(|n| n.name != name);
@@ -417,9 +432,22 @@ impl Cluster {
 /// A start that fails (a port taken meanwhile by a parallel test) is tried
 /// again on other ports, at most three times.
 fn start_node(dir: &Path, redis_port: u16, host: u8, name: &str, extra: &str) -> Node {
+    start_node_under(dir, redis_port, host, name, extra, &[])
+}
+
+/// `start_node`, the process started under `wrapper` (a command and its
+/// arguments, before `taas serve`).
+fn start_node_under(
+    dir: &Path,
+    redis_port: u16,
+    host: u8,
+    name: &str,
+    extra: &str,
+    wrapper: &[&str],
+) -> Node {
     let mut why = String::new();
     for _attempt in 0..3 {
-        match try_start_node(dir, redis_port, host, name, extra) {
+        match try_start_node(dir, redis_port, host, name, extra, wrapper) {
             Ok(node) => return node,
             Err(e) => why = e,
         }
@@ -433,6 +461,7 @@ fn try_start_node(
     host: u8,
     name: &str,
     extra: &str,
+    wrapper: &[&str],
 ) -> Result<Node, String> {
     let ip: IpAddr = format!("127.0.0.{host}").parse().unwrap();
     let range_start = 20000 + u32::from(host) * 500;
@@ -462,7 +491,15 @@ fn try_start_node(
         let (ok, _, err) = taas(dir, &["cert", "-c", config.to_str().unwrap()]);
         assert!(ok, "taas cert: {err}");
     }
-    let child = Command::new(taas_bin())
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(taas_bin());
+            c
+        }
+        None => Command::new(taas_bin()),
+    };
+    let child = command
         .args(["serve", "-c", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
