@@ -105,7 +105,7 @@ pub struct Config {
     /// `std::io::copy`.
     pub copier: Copier,
     /// This relay's name among several sharing one Redis store (a DNS label,
-    /// lower case): turns the shared directory on (docs/PROTOCOL.md section 6).
+    /// lower case): turns the shared directory on (docs/PROTOCOL.md section 7).
     pub node: Option<String>,
     /// With `node`: a mobile request for a label with no responder here is
     /// answered 307 to a node that has some (default true); else 503.

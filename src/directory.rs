@@ -1,5 +1,5 @@
 //! The shared directory of several relays ("nodes") on one Redis
-//! (docs/PROTOCOL.md section 6): which node has responders waiting for which
+//! (docs/PROTOCOL.md section 7): which node has responders waiting for which
 //! label, the path a cross-node 307 was given for, the pairings of every node,
 //! and the security state (replay rule, failure budgets, trusted sources) that
 //! must hold across nodes.

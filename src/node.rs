@@ -1,4 +1,4 @@
-//! A relay as one node of several on one Redis (docs/PROTOCOL.md section 6):
+//! A relay as one node of several on one Redis (docs/PROTOCOL.md section 7):
 //! the heartbeat thread that writes this node's offers to the shared
 //! directory (`directory`), the subscriber that keeps the other nodes'
 //! offers in the local cache, and the worker that does the directory work

@@ -71,7 +71,7 @@ pub fn redirect(
 }
 
 /// A cross-node 307 for `name` to another node with responders waiting
-/// (docs/PROTOCOL.md section 6), when this relay is a node and may give one:
+/// (docs/PROTOCOL.md section 7), when this relay is a node and may give one:
 /// the path is stored for that node first, so its pairing keeps it.
 fn elsewhere(shared: &Shared, name: &str, target: &str, peer: SocketAddr) -> Option<Response> {
     let dir = shared.directory.as_ref()?;
