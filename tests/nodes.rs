@@ -3,6 +3,8 @@
 //! `redis-server`, each through a TCP proxy of its own that a test can cut.
 //! Waits are bounded polls of `/status` (at most a heartbeat or a TTL past the
 //! event), never fixed sleeps.
+#[path = "support/steward.rs"]
+mod steward;
 mod support;
 
 use std::net::IpAddr;
@@ -458,4 +460,63 @@ fn a_redirect_that_never_pairs_is_counted_stale() {
         .counter("stale_redirects")
         == 1));
     assert_eq!(c.node("a").counter("redirects_received"), 0);
+}
+
+/// The original ecosystem's hidden server (the steward's behaviour: 15 kept
+/// waiting, a new registration after every pairing), registered at node a
+/// only, is reached through node b by cross-node 307s, and settles.
+#[test]
+fn an_original_hidden_server_at_one_node_is_reached_through_another() {
+    let c = Cluster::start(&["a", "b"], "");
+    let app = support::PlainApp::start();
+    let s = steward::Steward::start(steward::Params {
+        relay: c.node("a").addr(),
+        registrar: "registrar.localhost".into(),
+        ca_pem: c.ca_pem.clone(),
+        id: c.prov.id().to_string(),
+        totp: c.prov.totp().unwrap(),
+        label: LABEL.into(),
+        service: std::net::SocketAddr::from(([127, 0, 0, 1], app.port)),
+        keep: 15,
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || c.waiting("a") == 15),
+        "steward: {} registrations, errors {:?}",
+        s.registrations(),
+        s.errors()
+    );
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    for i in 0..5 {
+        let r = c.get("b", &format!("/from-b/{i}"));
+        assert_eq!(r.status, 307, "{r:?}");
+        let (host, q) = location(&r);
+        assert_eq!(host, format!("{LABEL}.a.taas.localhost"));
+        let mut mobile = std::net::TcpStream::connect(("127.0.0.2", q)).unwrap();
+        mobile
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut mobile,
+            format!("GET /from-b/{i} HTTP/1.0\r\nHost: {LABEL}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let got = support::read_until_closed(&mut mobile).unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains(support::APP_TEXT), "{text}");
+    }
+    // Every pairing's path came across from b's 307.
+    assert!(wait_until(one_beat(), || c
+        .node("a")
+        .counter("redirects_received")
+        == 5));
+    // It keeps 15 waiting, and registers no more than once per pairing.
+    assert!(wait_until(Duration::from_secs(10), || c.waiting("a") == 15));
+    assert!(
+        s.registrations() <= 15 + 5 + 1,
+        "{} registrations",
+        s.registrations()
+    );
 }
