@@ -21,6 +21,15 @@
 //!    the oldest at its first octet.
 //! 6. `relay` copies octets both ways until both directions end.
 //!
+//! A relay that is one node of several on one Redis (`node`) also runs
+//! `node`: a heartbeat that writes this node's offers (labels with responders
+//! waiting here, their rendezvous ports) to the shared `directory`, a
+//! subscriber that keeps the other nodes' offers in a local cache, from which
+//! `rendezvous` answers a 307 to another node when no responder waits here, and
+//! a worker that records pairings there; `auth` keeps its budgets and replay
+//! rule there too. `redis_link` is how the store and the directory reach Redis
+//! (straight, or through Sentinel).
+//!
 //! What every step reads is `state` (the configuration, the store, the labels,
 //! the pairs, the counters); below it sit `config` (the validated TOML), `error`
 //! (one enum, one status mapping), `label` (DNS label rules), `limits` (every
@@ -41,9 +50,9 @@
 //! | --- | --- |
 //! | tools | `admin`, `agent`, `cert`, `provision` (only `main.rs` knows the CLI) |
 //! | relay | `server` |
-//! | steps | `registrar` → `plug` → `pool`; `rendezvous` → `pool` → `relay`; `status`, `route` |
+//! | steps | `registrar` → `plug` → `pool`; `node` → `rendezvous` → `pool` → `relay`; `status`, `route` |
 //! | state | `state` |
-//! | core | `auth`, `config`, `pool`, `store`, `tls`, `metrics` |
+//! | core | `auth`, `config`, `directory`, `pool`, `store`, `tls`, `metrics` |
 //! | rules | `http`, `label`, `limits`, `logging`, `redis_link`, `relay`, `totp` |
 //! | base | `error`, `sys` |
 #![forbid(unsafe_code)]
