@@ -185,27 +185,29 @@ impl Guard {
         } else {
             [Key::Addr(src), Key::Id(id.clone())]
         };
-        self.check(&keys)?;
+        self.begin(&keys)?;
         let Some(account) = store.get(id)? else {
             // No entry for an ID that does not exist: the source pays alone.
-            self.fail(&keys[..1])?;
+            self.settle(&keys, 1);
             return Err(Error::AuthFailed);
         };
         let totp = match account.totp() {
             Ok(t) => t,
             Err(e) => {
                 log::error!("account {}: unusable TOTP parameters: {e}", account.uuid);
-                self.fail(&keys)?;
+                self.settle(&keys, keys.len());
                 return Err(Error::AuthFailed);
             }
         };
         let Some(step) = totp.verify(&creds.response, unix_time) else {
-            self.fail(&keys)?;
+            self.settle(&keys, keys.len());
             return Err(Error::AuthFailed);
         };
-        if let Err(last) = self.accept_step(&account.uuid, step, src)? {
-            // A right token, already used elsewhere: not a guess, so no budget
-            // is spent; the next step's token will do.
+        let accepted = self.accept_step(&account.uuid, step, src)?;
+        // A right token is not a guess: nothing is spent either way.
+        self.settle(&keys, 0);
+        if let Err(last) = accepted {
+            // Already used elsewhere: the next step's token will do.
             let next = (last + 1).saturating_mul(totp.step);
             let wait = Duration::from_secs(next.saturating_sub(unix_time).max(1));
             log::warn!(
@@ -256,14 +258,18 @@ impl Guard {
         }
     }
 
-    /// `Throttled` when any key's budget is spent (`local_check`); when the
-    /// nodes share budgets, asked of Redis, and an error when it cannot say.
-    fn check(&self, keys: &[Key]) -> Result<()> {
+    /// Lets an attempt go on, or refuses it (`Throttled`) when a key's budget
+    /// is spent. Alone, it looks (`local_check`). Shared by nodes, it takes
+    /// one failure from every key at once, in one script per key, before the
+    /// token is looked at, so a burst or a Redis failure later on cannot
+    /// let a guess through unpaid (`settle` gives back what was not owed); an
+    /// error when Redis cannot say (fail closed).
+    fn begin(&self, keys: &[Key]) -> Result<()> {
         let Some(dir) = &self.shared else {
             return self.local_check(keys);
         };
         for key in keys {
-            let wait = dir.bucket_wait(&key.bucket(), self.budget as u32, self.refill)?;
+            let wait = dir.bucket_take(&key.bucket(), self.budget as u32, self.refill)?;
             if wait > 0 {
                 return Err(Error::Throttled(Duration::from_millis(wait)));
             }
@@ -271,16 +277,20 @@ impl Guard {
         Ok(())
     }
 
-    /// Spends one failure from each key's budget (shared, when the nodes are).
-    fn fail(&self, keys: &[Key]) -> Result<()> {
+    /// The attempt's outcome: the first `pay` keys pay one failure. Alone,
+    /// they are charged now (`local_fail`); shared, `begin` charged every key
+    /// and the others get theirs back (a give-back that fails leaves the
+    /// budget spent, the safe way).
+    fn settle(&self, keys: &[Key], pay: usize) {
         let Some(dir) = &self.shared else {
-            self.local_fail(keys);
-            return Ok(());
+            self.local_fail(&keys[..pay.min(keys.len())]);
+            return;
         };
-        for key in keys {
-            dir.bucket_spend(&key.bucket(), self.budget as u32, self.refill)?;
+        for key in keys.iter().skip(pay) {
+            if let Err(e) = dir.bucket_refund(&key.bucket(), self.budget as u32, self.refill) {
+                log::warn!("a failure budget stays spent: {e}");
+            }
         }
-        Ok(())
     }
 
     /// Did `src` authenticate as `id` within `TRUST_FOR`?

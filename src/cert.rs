@@ -485,13 +485,12 @@ pub fn label_names(config: &Config, account: &Account, nodes: &[String]) -> Resu
 }
 
 /// The node names a label certificate must carry: every node that ever
-/// joined the shared directory in this config's Redis, and this config's
-/// own `node`; none for a relay that is no node.
+/// joined the shared directory in this config's Redis (the tools may run
+/// with a config that names no node), and this config's own `node`; none
+/// for a relay on a file store.
 pub fn node_names(config: &Config) -> Result<Vec<String>> {
     let mut nodes = Vec::new();
-    if let StoreSpec::Redis(url) = &config.store
-        && config.node.is_some()
-    {
+    if let StoreSpec::Redis(url) = &config.store {
         nodes = Directory::known_nodes(&RedisLink::parse(url, 1)?)?;
     }
     if let Some(own) = &config.node

@@ -14,8 +14,8 @@
 //! | `taas:{LABEL}:pairings` | list of pairing JSON, newest first | the pairing node | kept to `MAX_PAIRINGS` |
 //! | `taas:node:{NODE}` | string: the node's record (`boot`, `host`, its offers) | that node | `TTL` |
 //! | `taas:node:{NODE}:boot` | counter | that node, once per start | never |
-//! | `taas:nodes` | sorted set NODE → until (ms) | each node its own member | readers skip passed members; writers drop them |
-//! | `taas:nodes:known` | set of every node name that ever joined | each node | never (label certificates name them) |
+//! | `taas:{nodes}` | sorted set NODE → until (ms) | each node its own member | readers skip passed members; writers drop them |
+//! | `taas:{nodes}:known` | set of every node name that ever joined | each node | never (label certificates name them) |
 //! | `taas:{ID}:step`, `taas:{ID}:trust:SRC`, `taas:{ID}:fail`, `taas:{ID}:fail:SRC`, `taas:addr:{SRC}:fail` | replay rule, trust, budgets | any node, in one script each | by TTL |
 //!
 //! Every change is also published on `CHANNEL`; every node re-reads the whole
@@ -59,18 +59,28 @@ pub const SECURITY_DEADLINE: Duration = Duration::from_secs(2);
 pub const PATH_TTL: Duration = Duration::from_secs(30);
 /// Pairings kept per label across nodes.
 pub const MAX_PAIRINGS: usize = 100;
+/// How long a label's shared pairings outlive its last pairing.
+pub const PAIRINGS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Paths kept per (label, mobile address) at once.
+const MAX_PATHS: usize = 16;
 /// The pub/sub channel of directory changes.
 pub const CHANNEL: &str = "taas:directory";
 /// Live nodes (sorted set: node → until, in Redis's milliseconds).
-pub const NODES: &str = "taas:nodes";
+pub const NODES: &str = "taas:{nodes}";
 /// Every node name that ever joined.
-pub const KNOWN: &str = "taas:nodes:known";
+pub const KNOWN: &str = "taas:{nodes}:known";
 /// The largest clock difference from Redis a node registers with: one TOTP
 /// step (a token is good for its step, and the replay rule compares steps
 /// across nodes).
 pub const MAX_CLOCK_OFF: Duration = Duration::from_secs(30);
-/// Request threads that may wait on the directory's connection at once.
+/// Labels the cache holds at most (mobiles may ask for any name: a miss
+/// beyond it is not read, and answered 503).
+const MAX_CACHED_LABELS: usize = 20_000;
+/// Registrations that may wait on the security connection at once.
 const MAX_WAITERS: usize = 32;
+/// Mobile requests and pairings that may wait on the lookup connection at
+/// once (beyond: no cross-node 307, no shared record, at once).
+const MAX_LOOKUP_WAITERS: usize = 8;
 
 /// What a node offers for one label: its rendezvous port and how many wait.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +110,8 @@ pub struct Remote {
 #[derive(Serialize, Deserialize)]
 struct NodeRecord {
     boot: u64,
+    #[serde(default)]
+    seq: u64,
     host: String,
     offers: BTreeMap<String, Offer>,
 }
@@ -121,6 +133,8 @@ struct Entry {
 struct Change {
     node: String,
     boot: u64,
+    #[serde(default)]
+    seq: u64,
     host: String,
     label: String,
     offer: Option<Offer>,
@@ -130,8 +144,10 @@ struct Change {
 #[derive(Default)]
 struct Cache {
     offers: HashMap<String, HashMap<String, Remote>>,
-    /// Node → (host, boot, until).
+    /// Node → (host, boot, until): the nodes that beat within `FRESH`.
     peers: BTreeMap<String, (String, u64, Instant)>,
+    /// Node → the newest (boot, seq) applied from it.
+    seen: HashMap<String, (u64, u64)>,
 }
 
 /// Counters for `/metrics` and `/status`.
@@ -153,8 +169,11 @@ pub struct Directory {
     pub host: String,
     /// This start's boot number (`taas:node:{NODE}:boot`).
     pub boot: u64,
-    /// Request threads' connection (lookups, paths, pairings, security).
+    /// Request threads' connection for lookups, paths and pairings.
     link: RedisLink,
+    /// Registrations' connection for the shared security state, apart so
+    /// that mobile traffic (anyone's) never queues ahead of it.
+    security: RedisLink,
     /// The heartbeat's connection (its own, so a slow request never delays it).
     beat: RedisLink,
     /// A second copy of the URL's client for the subscriber.
@@ -165,6 +184,11 @@ pub struct Directory {
     own: Mutex<BTreeMap<String, Offer>>,
     /// Did the last heartbeat reach Redis?
     up: AtomicBool,
+    /// A write failed: the next one writes every entry.
+    dirty: AtomicBool,
+    /// Raised at every publish: readers keep the newest of a node's record
+    /// and messages.
+    seq: AtomicU64,
     /// Local clock minus Redis's `TIME`, in ms (last heartbeat).
     clock_off_ms: AtomicI64,
     /// The counters.
@@ -231,27 +255,27 @@ return {now, redis.call('ZRANGEBYSCORE', KEYS[1], now + ttl - tonumber(ARGV[3]),
 ";
 
 /// A token bucket, in Redis's time. KEYS: the bucket. ARGV: budget, refill
-/// ms, spend (0: only look). Returns the ms to wait before one more try is
-/// allowed (0: allowed now).
+/// ms, `take` (one failure, when one is left) or `refund` (one back). Returns
+/// the ms to wait before one more try is allowed (0: allowed, and taken).
 const BUCKET: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local budget = tonumber(ARGV[1])
 local refill = tonumber(ARGV[2])
-local spend = tonumber(ARGV[3])
 local b = redis.call('HMGET', KEYS[1], 'left', 'at')
 local left = tonumber(b[1])
 local at = tonumber(b[2])
 if left == nil or at == nil then
   left = budget
 else
-  left = math.min(budget, left + (now - at) / refill)
+  left = math.min(budget, left + math.max(0, now - at) / refill)
 end
-if spend == 0 then
+if ARGV[3] == 'take' then
   if left < 1 then return math.ceil((1 - left) * refill) end
-  return 0
+  left = left - 1
+else
+  left = math.min(budget, left + 1)
 end
-left = left - spend
 redis.call('HSET', KEYS[1], 'left', tostring(left), 'at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((budget - left) * refill) + 1000)
 return 0
@@ -263,9 +287,9 @@ return 0
 const ACCEPT_STEP: &str = r"
 local v = redis.call('GET', KEYS[1])
 local step = tonumber(ARGV[1])
-if v then
-  local sp = string.find(v, ' ')
-  local last = tonumber(string.sub(v, 1, sp - 1))
+local sp = v and string.find(v, ' ')
+if sp then
+  local last = tonumber(string.sub(v, 1, sp - 1)) or 0
   local src = string.sub(v, sp + 1)
   if step < last then return last end
   if step == last and src ~= ARGV[2] then return last end
@@ -273,14 +297,6 @@ end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'EX', tonumber(ARGV[3]))
 return -1
 ";
-
-/// Milliseconds of Redis's clock from a script's first value.
-fn redis_ms(v: &redis::Value) -> Option<u64> {
-    match v {
-        redis::Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
-}
 
 /// One failed-authentication bucket, as the guard names it.
 pub enum Bucket<'a> {
@@ -307,10 +323,14 @@ impl Directory {
     /// a new boot number. Fails when Redis cannot be reached (the relay does
     /// not start half-joined).
     pub fn join(url: &str, node: &str, host: &str) -> Result<Directory> {
-        let link = RedisLink::parse(url, MAX_WAITERS)?;
+        let link = RedisLink::parse(url, MAX_LOOKUP_WAITERS)?;
         let boot_key = format!("taas:node:{{{node}}}:boot");
-        let boot: u64 = link.with(SECURITY_DEADLINE, |c| {
-            redis::cmd("INCR").arg(&boot_key).query(c)
+        let (boot, redis_now, local): (u64, u64, u64) = link.with(SECURITY_DEADLINE, |c| {
+            let boot = redis::cmd("INCR").arg(&boot_key).query(c)?;
+            let sent = now_millis();
+            let (secs, micros): (u64, u64) = redis::cmd("TIME").query(c)?;
+            let local = sent / 2 + now_millis() / 2;
+            Ok((boot, secs * 1000 + micros / 1000, local))
         })?;
         let (later, jobs) = bounded(MAX_JOBS);
         Ok(Directory {
@@ -320,12 +340,16 @@ impl Directory {
             host: host.to_string(),
             boot,
             link,
+            security: RedisLink::parse(url, MAX_WAITERS)?,
             beat: RedisLink::parse(url, 1)?,
             sub: RedisLink::parse(url, 1)?,
             cache: Mutex::new(Cache::default()),
             own: Mutex::new(BTreeMap::new()),
             up: AtomicBool::new(true),
-            clock_off_ms: AtomicI64::new(0),
+            dirty: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            // Measured before the first registration can be checked.
+            clock_off_ms: AtomicI64::new(local as i64 - redis_now as i64),
             counters: Counters::default(),
         })
     }
@@ -397,11 +421,15 @@ impl Directory {
     // ----- this node's part (the heartbeat thread) -----
 
     /// Writes this node's offers (`offers`: every label with responders
-    /// waiting and its rendezvous port listening): each label's entry, the
-    /// labels it no longer offers withdrawn, its record and its place among
-    /// the live nodes; publishes what changed; then re-reads every node's
-    /// record. `all`: re-write every entry (a heartbeat), else only changes.
+    /// waiting and its rendezvous port listening): its record first (so a
+    /// node that reads it after a change's message sees that change), each
+    /// changed label's entry, the labels it no longer offers withdrawn, its
+    /// place among the live nodes, and a message per change; then re-reads
+    /// every live node's record. Two round trips. `all`: re-write every entry
+    /// (a heartbeat), else only changes. After a failure every entry is
+    /// written again at the next call.
     pub fn publish(&self, offers: BTreeMap<String, Offer>, all: bool) -> Result<()> {
+        let all = self.dirty.swap(false, Ordering::SeqCst) || all;
         let before = lock(&self.own).clone();
         let changed: Vec<(&String, Option<&Offer>)> = offers
             .iter()
@@ -414,15 +442,37 @@ impl Directory {
                     .map(|l| (l, None)),
             )
             .collect();
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let ttl = TTL.as_millis() as u64;
         let record = serde_json::to_string(&NodeRecord {
             boot: self.boot,
+            seq,
             host: self.host.clone(),
             offers: offers.clone(),
         })
         .map_err(|e| Error::Encode(e.to_string()))?;
+        let mut messages = Vec::new();
+        for (label, offer) in &changed {
+            let change = Change {
+                node: self.node.clone(),
+                boot: self.boot,
+                seq,
+                host: self.host.clone(),
+                label: (*label).clone(),
+                offer: offer.cloned(),
+            };
+            messages
+                .push(serde_json::to_string(&change).map_err(|e| Error::Encode(e.to_string()))?);
+        }
         let result = self.beat.with(HEARTBEAT, |c| {
-            for (label, offer) in &changed {
+            let mut p = redis::pipe();
+            p.cmd("SET")
+                .arg(Self::node_key(&self.node))
+                .arg(&record)
+                .arg("PX")
+                .arg(ttl)
+                .ignore();
+            for ((label, offer), message) in changed.iter().zip(&messages) {
                 let key = Self::label_key(label);
                 match offer {
                     Some(o) => {
@@ -430,43 +480,23 @@ impl Directory {
                             "boot": self.boot, "host": self.host,
                             "port": o.port, "waiting": o.waiting,
                         });
-                        redis::cmd("EVAL")
+                        p.cmd("EVAL")
                             .arg(SET_ENTRY)
                             .arg(1)
                             .arg(&key)
                             .arg(&self.node)
                             .arg(entry.to_string())
                             .arg(ttl)
-                            .query::<redis::Value>(c)?;
+                            .ignore();
                     }
                     // Its own entry: withdrawn by its only writer.
-                    None => redis::cmd("HDEL")
-                        .arg(&key)
-                        .arg(&self.node)
-                        .query::<i64>(c)
-                        .map(|_| ())?,
+                    None => {
+                        p.cmd("HDEL").arg(&key).arg(&self.node).ignore();
+                    }
                 }
-                let change = Change {
-                    node: self.node.clone(),
-                    boot: self.boot,
-                    host: self.host.clone(),
-                    label: (*label).clone(),
-                    offer: offer.cloned(),
-                };
-                if let Ok(text) = serde_json::to_string(&change) {
-                    redis::cmd("PUBLISH")
-                        .arg(CHANNEL)
-                        .arg(text)
-                        .query::<i64>(c)?;
-                }
+                p.cmd("PUBLISH").arg(CHANNEL).arg(message).ignore();
             }
-            redis::cmd("SET")
-                .arg(Self::node_key(&self.node))
-                .arg(&record)
-                .arg("PX")
-                .arg(ttl)
-                .query::<()>(c)?;
-            let beat: (u64, Vec<String>) = redis::cmd("EVAL")
+            p.cmd("EVAL")
                 .arg(BEAT)
                 .arg(2)
                 .arg(NODES)
@@ -474,21 +504,31 @@ impl Directory {
                 .arg(&self.node)
                 .arg(ttl)
                 .arg(FRESH.as_millis() as u64)
-                .arg("join")
-                .query(c)?;
-            let mut records = Vec::new();
-            for node in beat.1.iter().filter(|n| **n != self.node) {
-                let text: Option<String> = redis::cmd("GET").arg(Self::node_key(node)).query(c)?;
-                if let Some(text) = text {
-                    records.push((node.clone(), text));
+                .arg("join");
+            let sent = now_millis();
+            let ((redis_now, live),): ((u64, Vec<String>),) = p.query(c)?;
+            let local = sent / 2 + now_millis() / 2;
+            let others: Vec<String> = live.into_iter().filter(|n| *n != self.node).collect();
+            let texts: Vec<Option<String>> = if others.is_empty() {
+                Vec::new()
+            } else {
+                let mut p = redis::pipe();
+                for node in &others {
+                    p.cmd("GET").arg(Self::node_key(node));
                 }
-            }
-            Ok((beat.0, records))
+                p.query(c)?
+            };
+            let records: Vec<(String, String)> = others
+                .into_iter()
+                .zip(texts)
+                .filter_map(|(n, t)| t.map(|t| (n, t)))
+                .collect();
+            Ok((redis_now, local, records))
         });
         match result {
-            Ok((redis_now, records)) => {
+            Ok((redis_now, local, records)) => {
                 *lock(&self.own) = offers;
-                let off = now_millis() as i64 - redis_now as i64;
+                let off = local as i64 - redis_now as i64;
                 self.clock_off_ms.store(off, Ordering::SeqCst);
                 if !self.up.swap(true, Ordering::SeqCst) {
                     log::info!(
@@ -508,8 +548,10 @@ impl Directory {
                         self.node
                     );
                 }
-                // Everything is written again once Redis answers.
-                lock(&self.own).clear();
+                // What may have been written stays known (to be withdrawn),
+                // and everything is written again at the next call.
+                lock(&self.own).extend(offers);
+                self.dirty.store(true, Ordering::SeqCst);
                 Err(e)
             }
         }
@@ -543,12 +585,14 @@ impl Directory {
     }
 
     /// Rebuilds the cache from every live node's record (the heartbeat's full
-    /// read): nodes no longer live are forgotten.
+    /// read): nodes no longer live are forgotten; a record older than what a
+    /// message already brought from its node keeps the newer offers.
     fn replace_all(&self, records: Vec<(String, String)>) {
         let until = Instant::now() + TTL;
         let mut cache = lock(&self.cache);
         let mut offers: HashMap<String, HashMap<String, Remote>> = HashMap::new();
         let mut peers = BTreeMap::new();
+        let mut seen = HashMap::new();
         for (node, text) in records {
             let Ok(record) = serde_json::from_str::<NodeRecord>(&text) else {
                 log::warn!(
@@ -557,8 +601,29 @@ impl Directory {
                 );
                 continue;
             };
+            if !valid_peer(&node, &record.host) {
+                continue;
+            }
             peers.insert(node.clone(), (record.host.clone(), record.boot, until));
+            let known = cache.seen.get(&node).copied().unwrap_or_default();
+            if (record.boot, record.seq) < known {
+                // A message was newer: keep what it said.
+                seen.insert(node.clone(), known);
+                for (label, nodes) in &cache.offers {
+                    if let Some(r) = nodes.get(&node) {
+                        offers
+                            .entry(label.clone())
+                            .or_default()
+                            .insert(node.clone(), r.clone());
+                    }
+                }
+                continue;
+            }
+            seen.insert(node.clone(), (record.boot, record.seq));
             for (label, offer) in record.offers {
+                if crate::label::validate(&label).is_err() {
+                    continue;
+                }
                 offers.entry(label).or_default().insert(
                     node.clone(),
                     Remote {
@@ -573,6 +638,7 @@ impl Directory {
         }
         cache.offers = offers;
         cache.peers = peers;
+        cache.seen = seen;
     }
 
     // ----- the subscriber -----
@@ -618,19 +684,28 @@ impl Directory {
     }
 
     fn apply(&self, change: Change) {
-        if change.node == self.node {
+        if change.node == self.node
+            || !valid_peer(&change.node, &change.host)
+            || crate::label::validate(&change.label).is_err()
+        {
             return;
         }
         let mut cache = lock(&self.cache);
-        let known_boot = cache.peers.get(&change.node).map(|p| p.1);
-        if known_boot.is_some_and(|b| change.boot < b) {
-            return; // an earlier start's message
+        let known = cache.seen.get(&change.node).copied().unwrap_or_default();
+        if (change.boot, change.seq) < known {
+            return; // older than what is known of that node
         }
+        cache
+            .seen
+            .insert(change.node.clone(), (change.boot, change.seq));
         let until = Instant::now() + TTL;
         cache.peers.insert(
             change.node.clone(),
             (change.host.clone(), change.boot, until),
         );
+        if cache.offers.len() >= MAX_CACHED_LABELS && !cache.offers.contains_key(&change.label) {
+            return;
+        }
         let nodes = cache.offers.entry(change.label).or_default();
         match change.offer {
             Some(offer) => {
@@ -657,47 +732,54 @@ impl Directory {
     /// weighted by how many wait: from the cache, or on a miss by one short
     /// read of the label's entries (none when Redis is down).
     pub fn pick(&self, label: &str) -> Option<Remote> {
-        let now = Instant::now();
-        let cached: Option<Vec<Remote>> = {
-            let cache = lock(&self.cache);
-            cache.offers.get(label).map(|nodes| {
+        let fresh = |cache: &Cache, now: Instant| -> Option<Vec<Remote>> {
+            let nodes = cache.offers.get(label)?;
+            Some(
                 nodes
                     .values()
                     .filter(|r| {
                         r.until > now
                             && r.offer.waiting > 0
-                            && cache.peers.get(&r.node).is_none_or(|p| p.1 <= r.boot)
+                            // Only nodes that beat lately, at this boot.
+                            && cache
+                                .peers
+                                .get(&r.node)
+                                .is_some_and(|p| p.2 > now && p.1 <= r.boot)
                     })
                     .cloned()
-                    .collect()
-            })
+                    .collect(),
+            )
+        };
+        let (cached, room) = {
+            let cache = lock(&self.cache);
+            (
+                fresh(&cache, Instant::now()),
+                cache.offers.len() < MAX_CACHED_LABELS,
+            )
         };
         let candidates = match cached {
             Some(c) => c,
-            None if self.is_up() => self.read_label(label).unwrap_or_default(),
+            // A miss: one short read, unless Redis is known down or the
+            // cache (of names anyone may ask for) is full.
+            None if self.is_up() && room => {
+                let _ = self.read_label(label);
+                fresh(&lock(&self.cache), Instant::now()).unwrap_or_default()
+            }
             None => Vec::new(),
         };
         weighted(candidates)
     }
 
-    /// The label's live entries of other nodes, read from Redis (and cached).
-    fn read_label(&self, label: &str) -> Result<Vec<Remote>> {
+    /// Reads the label's live entries of other nodes from Redis into the
+    /// cache (an empty entry when none: asked again at the next heartbeat).
+    fn read_label(&self, label: &str) -> Result<()> {
         let key = Self::label_key(label);
         let (redis_now, fields): (u64, Vec<String>) = self.link.with(SHORT_READ, |c| {
-            let v: redis::Value = redis::cmd("EVAL")
+            redis::cmd("EVAL")
                 .arg(GET_ENTRIES)
                 .arg(1)
                 .arg(&key)
-                .query(c)?;
-            let redis::Value::Array(items) = v else {
-                return Ok((0, Vec::new()));
-            };
-            let now = items.first().and_then(redis_ms).unwrap_or(0);
-            let fields = match items.get(1) {
-                Some(f) => redis::from_redis_value::<Vec<String>>(f.clone())?,
-                None => Vec::new(),
-            };
-            Ok((now, fields))
+                .query(c)
         })?;
         let here = Instant::now();
         let mut found = Vec::new();
@@ -709,7 +791,7 @@ impl Directory {
             let Ok(e) = serde_json::from_str::<Entry>(text) else {
                 continue;
             };
-            if e.until <= redis_now {
+            if e.until <= redis_now || !valid_peer(node, &e.host) {
                 continue;
             }
             found.push(Remote {
@@ -720,15 +802,15 @@ impl Directory {
                     waiting: e.waiting,
                 },
                 boot: e.boot,
-                until: here + Duration::from_millis(e.until - redis_now),
+                until: here + Duration::from_millis(e.until - redis_now).min(TTL),
             });
         }
         let mut cache = lock(&self.cache);
         let nodes = cache.offers.entry(label.to_string()).or_default();
-        for r in &found {
-            nodes.insert(r.node.clone(), r.clone());
+        for r in found {
+            nodes.entry(r.node.clone()).or_insert(r);
         }
-        Ok(found)
+        Ok(())
     }
 
     /// The other live nodes: (name, host), as of the last heartbeat or message.
@@ -834,32 +916,44 @@ impl Directory {
     // ----- paths and pairings -----
 
     /// Keeps the path of the cross-node 307 given to `mobile` for `label`, for
-    /// the node that will pair it. Done before the 307 is answered.
+    /// the node that will pair it (a queue per address, as one relay keeps
+    /// them: several mobiles behind one NAT each get theirs). Done before the
+    /// 307 is answered.
     pub fn remember_path(&self, label: &str, mobile: IpAddr, path: &str) -> Result<()> {
         let key = Self::path_key(label, mobile);
         let ttl = PATH_TTL.as_millis() as u64;
         self.link.with(SHORT_READ, |c| {
-            redis::cmd("SET")
+            redis::pipe()
+                .cmd("RPUSH")
                 .arg(&key)
                 .arg(path)
-                .arg("PX")
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&key)
+                .arg(-(MAX_PATHS as i64))
+                .arg(-1)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
                 .arg(ttl)
+                .ignore()
                 .query::<()>(c)
         })
     }
 
-    /// The path another node's 307 gave `mobile` for `label`, taken (read
-    /// once); `None` when there is none or Redis cannot say.
+    /// The oldest path another node's 307 gave `mobile` for `label`, taken;
+    /// `None` when there is none or Redis cannot say.
     pub fn take_path(&self, label: &str, mobile: IpAddr) -> Option<String> {
         let key = Self::path_key(label, mobile);
         self.link
-            .with(SHORT_READ, |c| redis::cmd("GETDEL").arg(&key).query(c))
+            .with(SHORT_READ, |c| redis::cmd("LPOP").arg(&key).query(c))
             .ok()
             .flatten()
     }
 
     /// Adds a pairing (JSON) to the label's shared list, keeping the last
-    /// `MAX_PAIRINGS`.
+    /// `MAX_PAIRINGS` for `PAIRINGS_TTL` after the last one (they hold paths
+    /// and queries).
     pub fn record_pairing(&self, label: &str, json: &str) -> Result<()> {
         let key = Self::pairings_key(label);
         self.link.with(SHORT_READ, |c| {
@@ -872,6 +966,10 @@ impl Directory {
                 .arg(&key)
                 .arg(0)
                 .arg(MAX_PAIRINGS - 1)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(PAIRINGS_TTL.as_millis() as u64)
                 .ignore()
                 .query::<()>(c)
         })
@@ -893,27 +991,28 @@ impl Directory {
 
     // ----- security state shared by the nodes -----
 
-    /// Milliseconds to wait before `bucket` allows a try (0: now).
-    pub fn bucket_wait(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<u64> {
-        self.bucket(bucket, budget, refill, 0)
+    /// Takes one failure from `bucket` when one is left: 0, else the
+    /// milliseconds to wait before one is.
+    pub fn bucket_take(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<u64> {
+        self.bucket(bucket, budget, refill, "take")
     }
 
-    /// Spends one failure from `bucket`.
-    pub fn bucket_spend(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<()> {
-        self.bucket(bucket, budget, refill, 1).map(|_| ())
+    /// Gives one failure back to `bucket` (the attempt did not owe it).
+    pub fn bucket_refund(&self, bucket: &Bucket, budget: u32, refill: Duration) -> Result<()> {
+        self.bucket(bucket, budget, refill, "refund").map(|_| ())
     }
 
-    fn bucket(&self, bucket: &Bucket, budget: u32, refill: Duration, spend: u32) -> Result<u64> {
+    fn bucket(&self, bucket: &Bucket, budget: u32, refill: Duration, mode: &str) -> Result<u64> {
         let key = bucket.key();
         let refill = refill.as_millis().max(1) as u64;
-        self.link.with(SECURITY_DEADLINE, |c| {
+        self.security.with(SECURITY_DEADLINE, |c| {
             redis::cmd("EVAL")
                 .arg(BUCKET)
                 .arg(1)
                 .arg(&key)
                 .arg(budget)
                 .arg(refill)
-                .arg(spend)
+                .arg(mode)
                 .query(c)
         })
     }
@@ -927,7 +1026,7 @@ impl Directory {
         src: IpAddr,
     ) -> Result<std::result::Result<(), u64>> {
         let key = format!("taas:{{{id}}}:step");
-        let got: i64 = self.link.with(SECURITY_DEADLINE, |c| {
+        let got: i64 = self.security.with(SECURITY_DEADLINE, |c| {
             redis::cmd("EVAL")
                 .arg(ACCEPT_STEP)
                 .arg(1)
@@ -946,7 +1045,7 @@ impl Directory {
     /// Did `src` authenticate as `id` at any node within `window`?
     pub fn trusts(&self, src: IpAddr, id: &str) -> Result<bool> {
         let key = format!("taas:{{{id}}}:trust:{src}");
-        self.link.with(SECURITY_DEADLINE, |c| {
+        self.security.with(SECURITY_DEADLINE, |c| {
             redis::cmd("EXISTS").arg(&key).query(c)
         })
     }
@@ -954,7 +1053,7 @@ impl Directory {
     /// Notes a success of `src` as `id` for `window`.
     pub fn trust(&self, src: IpAddr, id: &str, window: Duration) -> Result<()> {
         let key = format!("taas:{{{id}}}:trust:{src}");
-        self.link.with(SECURITY_DEADLINE, |c| {
+        self.security.with(SECURITY_DEADLINE, |c| {
             redis::cmd("SET")
                 .arg(&key)
                 .arg(1)
@@ -974,9 +1073,22 @@ impl Directory {
     }
 }
 
+/// A node name and host read from Redis that may go in a `Location`: a DNS
+/// label, and a host without white space, `/`, `@` or control characters.
+fn valid_peer(node: &str, host: &str) -> bool {
+    crate::label::validate(node).is_ok_and(|n| n == node)
+        && !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+}
+
 /// One of `candidates` at random, weighted by responders waiting.
 fn weighted(candidates: Vec<Remote>) -> Option<Remote> {
-    let total: u64 = candidates.iter().map(|r| r.offer.waiting as u64).sum();
+    let total = candidates
+        .iter()
+        .fold(0u64, |sum, r| sum.saturating_add(r.offer.waiting as u64));
     if total == 0 {
         return None;
     }

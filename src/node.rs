@@ -28,10 +28,17 @@ use crate::sys::{CONN_STACK, spawn};
 /// connection's thread, which calls the store).
 const NODE_STACK: usize = CONN_STACK;
 
-/// The node's two threads; `stop` ends them.
+/// The node's threads: `withdraw` ends the heartbeat and the subscriber,
+/// `stop` the worker.
 pub struct Node {
-    stop: Arc<AtomicBool>,
+    /// Ends the heartbeat and the subscriber.
+    beat_stop: Arc<AtomicBool>,
+    /// Ends the worker.
+    work_stop: Arc<AtomicBool>,
+    /// The heartbeat and the subscriber.
     threads: Vec<JoinHandle<()>>,
+    /// The worker.
+    worker: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -42,6 +49,7 @@ impl Node {
             return Ok(None);
         };
         let stop = Arc::new(AtomicBool::new(false));
+        let work_stop = Arc::new(AtomicBool::new(false));
         let (s, st, d) = (shared.clone(), stop.clone(), dir.clone());
         let beat = spawn("node-beat", NODE_STACK, move || {
             let mut next = Instant::now();
@@ -67,7 +75,7 @@ impl Node {
         let (st, d) = (stop.clone(), dir.clone());
         let sub = spawn("node-sub", NODE_STACK, move || d.subscribe(&st))
             .map_err(|e| Error::io("spawn thread", e))?;
-        let (st, d) = (stop.clone(), dir.clone());
+        let (st, d) = (work_stop.clone(), dir.clone());
         let work = spawn("node-work", NODE_STACK, move || d.work(&st))
             .map_err(|e| Error::io("spawn thread", e))?;
         log::info!(
@@ -77,19 +85,38 @@ impl Node {
             shared.config.store.describe()
         );
         Ok(Some(Node {
-            stop,
-            threads: vec![beat, sub, work],
+            beat_stop: stop,
+            work_stop,
+            threads: vec![beat, sub],
+            worker: Some(work),
         }))
     }
 
-    /// Stops both threads (within a heartbeat) and withdraws this node's
-    /// entries.
-    pub fn stop(self, dir: &Directory) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
+    /// Stops the heartbeat and the subscriber (within a heartbeat) and
+    /// withdraws this node's entries; the worker goes on recording pairings.
+    pub fn withdraw(&mut self, dir: &Directory) {
+        self.beat_stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         dir.withdraw();
+    }
+
+    /// Stops the worker (after the last pairings were recorded).
+    pub fn stop(mut self) {
+        self.work_stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.worker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Threads not joined (a second shutdown, a failed start) end within
+        // a heartbeat.
+        self.beat_stop.store(true, Ordering::SeqCst);
+        self.work_stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -97,7 +124,7 @@ impl Node {
 /// rendezvous port opened for it.
 fn offers(shared: &Arc<Shared>) -> BTreeMap<String, Offer> {
     let mut offers = BTreeMap::new();
-    if shared.stopping() {
+    if shared.stopping() || shared.withdrawn() {
         return offers;
     }
     for label in shared.labels.all() {

@@ -367,6 +367,19 @@ impl Label {
         q.push_back(p);
     }
 
+    /// Sets the path of the kept record of `pairing` (found by its mobile
+    /// side and time) to `path`: learnt after the record was made.
+    pub fn patch_path(&self, pairing: &Pairing, path: &str) {
+        let mut q = lock(&self.pairings);
+        if let Some(p) = q
+            .iter_mut()
+            .rev()
+            .find(|p| p.initiator == pairing.initiator && p.timestamp == pairing.timestamp)
+        {
+            p.pathname = path.to_string();
+        }
+    }
+
     /// Pairing records kept.
     pub fn pairing_count(&self) -> usize {
         lock(&self.pairings).len()

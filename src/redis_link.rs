@@ -247,7 +247,11 @@ impl RedisLink {
                 // Redis answered with an error (WRONGTYPE, OOM, NOAUTH, ...): the
                 // connection is fine, and asking again would not help.
                 Err(e) => {
-                    if e.kind() == redis::ErrorKind::Parse {
+                    // A demoted or loading server: the next connection asks
+                    // (the sentinels) again.
+                    if e.kind() == redis::ErrorKind::Parse
+                        || matches!(e.code(), Some("READONLY" | "LOADING" | "MASTERDOWN"))
+                    {
                         *slot = None;
                     }
                     return Err(Error::StoreUnavailable(format!("redis {}: {e}", self.addr)));

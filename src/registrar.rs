@@ -40,13 +40,10 @@ pub fn handle(
         if let Some(to) = &shared.config.registrar_redirect {
             return Err(Error::Redirect(format!("{to}{}", head.target)));
         }
-        if shared.stopping() {
+        if shared.stopping() || shared.withdrawn() {
             return Err(Error::Limit("draining"));
         }
         let name = label::validate(name)?;
-        if let Some(dir) = &shared.directory {
-            dir.clock_ok()?;
-        }
         let account = authorize(shared, head, peer, &name)?;
         let lab = shared.labels.get_or_create(&name);
         let fixed = account.fixed_port(&name);
@@ -119,6 +116,11 @@ fn pairings(shared: &Shared, name: &str) -> Vec<serde_json::Value> {
 /// The account behind the request's `Authorization`, if it owns `label`.
 fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Result<Account> {
     let result = (|| {
+        // A node's tokens and steps are compared with the other nodes': its
+        // clock must agree with Redis's (registrations and pairings alike).
+        if let Some(dir) = &shared.directory {
+            dir.clock_ok()?;
+        }
         let value = head.authorization.as_deref().ok_or(Error::AuthMissing)?;
         let creds = auth::parse_authorization(value)?;
         let account =
@@ -139,7 +141,9 @@ fn authorize(shared: &Shared, head: &Head, peer: SocketAddr, label: &str) -> Res
             Error::Forbidden { .. } => Registration::Forbidden,
             Error::Throttled(_) => Registration::Throttled,
             Error::Replay(_) => Registration::Replay,
-            Error::StoreUnavailable(_) | Error::StoreBusy(_) => Registration::StoreUnavailable,
+            Error::StoreUnavailable(_) | Error::StoreBusy(_) | Error::ClockOff { .. } => {
+                Registration::StoreUnavailable
+            }
             _ => Registration::BadRequest,
         });
         if matches!(e, Error::AuthFailed) {

@@ -252,18 +252,20 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
     }
 }
 
-/// Records a pairing: here, and (when this relay is a node) in the shared
-/// list, after looking up the path of another node's 307 when this node gave
-/// none. The directory work runs on the node's worker, so the pair's first
-/// octets wait on no Redis call.
-fn record(shared: &Shared, label: &Arc<Label>, mut record: Pairing, peer: SocketAddr) {
-    let Some(dir) = &shared.directory else {
-        label.record(record);
+/// Records a pairing here at once and, when this relay is a node, in the
+/// shared list, after taking the path of another node's 307 when this node
+/// gave none (then patched in here too). The directory work runs on the
+/// node's worker, so the pair's first octets wait on no Redis call, and is
+/// skipped while Redis is known down.
+fn record(shared: &Shared, label: &Arc<Label>, pairing: Pairing, peer: SocketAddr) {
+    label.record(pairing.clone());
+    let Some(dir) = shared.directory.as_ref().filter(|d| d.is_up()) else {
         return;
     };
     let label = label.clone();
     dir.later(Box::new(move |dir| {
-        if record.pathname.is_empty()
+        let mut pairing = pairing;
+        if pairing.pathname.is_empty()
             && let Some(path) = dir.take_path(&label.name, peer.ip())
         {
             dir.counters
@@ -274,9 +276,10 @@ fn record(shared: &Shared, label: &Arc<Label>, mut record: Pairing, peer: Socket
                 label.name,
                 loggable_target(&path)
             );
-            record.pathname = path;
+            label.patch_path(&pairing, &path);
+            pairing.pathname = path;
         }
-        match serde_json::to_string(&record) {
+        match serde_json::to_string(&pairing) {
             Ok(json) => {
                 if let Err(e) = dir.record_pairing(&label.name, &json) {
                     log::warn!("pair {}: not recorded for the other nodes: {e}", label.name);
@@ -284,14 +287,13 @@ fn record(shared: &Shared, label: &Arc<Label>, mut record: Pairing, peer: Socket
             }
             Err(e) => log::warn!("pair {}: not recorded: {e}", label.name),
         }
-        label.record(record);
     }));
 }
 
 /// A connection that never paired: counted as a stale redirect when another
 /// node had sent it here (its offer was out of date).
 fn unpaired(shared: &Shared, label: &Label, peer: SocketAddr) {
-    let Some(dir) = &shared.directory else {
+    let Some(dir) = shared.directory.as_ref().filter(|d| d.is_up()) else {
         return;
     };
     let name = label.name.clone();

@@ -168,9 +168,10 @@ impl Server {
     pub fn shutdown(&self, grace: Duration) {
         // A node first withdraws its offers, then keeps its ports for
         // `pair_wait` (mobiles sent here just before are still paired).
-        let node = lock(&self.node).take();
-        if let (Some(node), Some(dir)) = (node, &self.shared.directory) {
-            node.stop(dir);
+        let mut node = lock(&self.node).take();
+        if let (Some(node), Some(dir)) = (node.as_mut(), &self.shared.directory) {
+            self.shared.withdraw();
+            node.withdraw(dir);
             if !grace.is_zero() {
                 thread::sleep(self.shared.config.pair_wait.min(grace));
             }
@@ -201,6 +202,9 @@ impl Server {
             log::warn!("shutdown: closing {left} pairs still relaying after the grace period");
             pairs.close_all();
             drained(Duration::from_secs(2), Duration::from_millis(10));
+        }
+        if let Some(node) = node {
+            node.stop();
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct Shared {
     pub(crate) conns: Arc<PerAddress>,
     /// Set once shutdown begins.
     stopping: AtomicBool,
+    /// Set when a node has withdrawn from the directory, before it stops:
+    /// no more registrations, `/ready` says so, ports still pair.
+    withdrawn: AtomicBool,
     /// Counters for `/metrics`.
     pub(crate) metrics: Metrics,
     /// Refusals logged once per burst.
@@ -188,6 +191,7 @@ impl Shared {
                 (c.max_connections_per_ip, Limit::MaxConnectionsPerIp),
             ),
             stopping: AtomicBool::new(false),
+            withdrawn: AtomicBool::new(false),
             metrics: Metrics::default(),
             refusals: RefusalLog::default(),
             started: Instant::now(),
@@ -201,6 +205,16 @@ impl Shared {
     /// True once shutdown has begun.
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// True once a node has withdrawn its offers (shutdown is near).
+    pub fn withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::SeqCst)
+    }
+
+    /// Marks the node withdrawn: registrations are refused from now on.
+    pub fn withdraw(&self) {
+        self.withdrawn.store(true, Ordering::SeqCst);
     }
 
     /// Begins shutdown; false when it had begun already.

@@ -61,7 +61,7 @@ fn serve(shared: &Shared, stream: TcpStream) {
                 Response::with_body(200, "application/json", status_json(shared).into_bytes())
             }
             "/ready" => match shared.store.ping() {
-                Ok(()) if !shared.stopping() => Response::text(200, "ready"),
+                Ok(()) if !shared.stopping() && !shared.withdrawn() => Response::text(200, "ready"),
                 Ok(()) => Response::text(503, "stopping"),
                 Err(e) => Response::text(503, e.to_string()),
             },

@@ -145,20 +145,47 @@ fn a_killed_node_is_forgotten_and_its_labels_live_on_at_the_others() {
 }
 
 #[test]
-fn a_graceful_stop_withdraws_at_once() {
+fn a_graceful_stop_withdraws_at_once_and_refuses_registrations_while_it_drains() {
+    let mut c = Cluster::start(&["a", "b"], "pair_wait = 3");
+    let _r = c.responder("a");
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    c.node("a").signal("TERM");
+    // Withdrawn, not left to expire: gone from b within a heartbeat; while
+    // its ports drain, a answers /ready and registrations 503.
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        == 0));
+    assert_eq!(c.get("b", "/").status, 503);
+    assert!(wait_until(one_beat(), || {
+        c.node("a")
+            .status_get("/ready")
+            .is_some_and(|(s, _)| s == 503)
+    }));
+    assert_eq!(c.register("a", &c.token(), None).status, 503);
+    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
+}
+
+#[test]
+fn a_label_only_at_a_killed_node_is_refused_before_its_entries_expire() {
     let mut c = Cluster::start(&["a", "b"], "");
     let _r = c.responder("a");
     assert!(wait_until(one_beat(), || c
         .node("b")
         .counter("directory_size")
         >= 1));
-    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
-    // Withdrawn, not left to expire: gone from b within a heartbeat.
-    assert!(wait_until(one_beat(), || c
-        .node("b")
-        .counter("directory_size")
-        == 0));
-    assert_eq!(c.get("b", "/").status, 503);
+    assert_eq!(c.get("b", "/").status, 307);
+    c.node_mut("a").kill();
+    let killed = Instant::now();
+    // Passed over once its beat is missed (FRESH), at b's next heartbeat.
+    assert!(wait_until(taas::directory::FRESH + one_beat(), || c
+        .get("b", "/")
+        .status
+        == 503));
+    assert!(killed.elapsed() < TTL + HEARTBEAT, "{:?}", killed.elapsed());
 }
 
 #[test]
