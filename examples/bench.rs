@@ -49,7 +49,14 @@ const REGISTRATION_BLOCKS: usize = 4;
 
 fn main() -> Res<()> {
     raise_fd_limit();
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/taas");
+    // This example is TARGET/release/examples/bench: the relay is beside it
+    // in TARGET/release (wherever CARGO_TARGET_DIR puts TARGET).
+    let release = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("no release directory above the bench")?
+        .to_path_buf();
+    let bin = release.join("taas");
     if !bin.exists() {
         return Err("build first: cargo build --release (make bench does)".into());
     }
@@ -327,7 +334,10 @@ fn main() -> Res<()> {
     for (n, v, r) in &rows {
         println!("{n:<48} {v:>18}  {r}");
     }
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench.json");
+    let out = release
+        .parent()
+        .ok_or("no target directory")?
+        .join("bench.json");
     std::fs::write(
         &out,
         serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
