@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 use taas::agent::Registrar;
 use taas::provision::Provision;
 
+// examples/bench/ (no main.rs) is not an example of its own.
+#[path = "bench/nodes.rs"]
+mod nodes;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Rounds per figure.
@@ -49,9 +53,24 @@ const REGISTRATION_BLOCKS: usize = 4;
 
 fn main() -> Res<()> {
     raise_fd_limit();
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/taas");
+    // This example is TARGET/release/examples/bench: the relay is beside it
+    // in TARGET/release (wherever CARGO_TARGET_DIR puts TARGET).
+    let release = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("no release directory above the bench")?
+        .to_path_buf();
+    let bin = release.join("taas");
     if !bin.exists() {
         return Err("build first: cargo build --release (make bench does)".into());
+    }
+    // `cargo run --release --example bench -- nodes`: only the rows of
+    // several nodes, printed (bench.json is left as it is).
+    if std::env::args().nth(1).as_deref() == Some("nodes") {
+        for (name, value, unit, note) in nodes::run(&bin)?.unwrap_or_default() {
+            println!("{name:<48} {:>18}  {note}", format!("{value:.3} {unit}"));
+        }
+        return Ok(());
     }
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut json = serde_json::Map::new();
@@ -288,6 +307,22 @@ fn main() -> Res<()> {
     }
     drop(relay);
 
+    // Several nodes on one Redis; without redis-server only these rows are
+    // left out, and a failure here is reported after the table.
+    let nodes_failed = match nodes::run(&bin) {
+        Ok(Some(node_rows)) => {
+            for (name, value, unit, note) in node_rows {
+                put(&name, value, unit, note, &mut rows);
+            }
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("the rows of several nodes failed: {e}");
+            Some(e)
+        }
+    };
+
     // Round trips again with the relay and the clients on one CPU, as on a
     // one-core VPS: on this VM a wake-up that crosses to the other core costs
     // tens of µs, which the direct baseline mostly avoids (its two threads
@@ -327,13 +362,19 @@ fn main() -> Res<()> {
     for (n, v, r) in &rows {
         println!("{n:<48} {v:>18}  {r}");
     }
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench.json");
+    let out = release
+        .parent()
+        .ok_or("no target directory")?
+        .join("bench.json");
     std::fs::write(
         &out,
         serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
     )?;
     println!("\nwritten to {}", out.display());
-    Ok(())
+    match nodes_failed {
+        Some(e) => Err(format!("several nodes: {e}").into()),
+        None => Ok(()),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -463,16 +504,28 @@ fn latency_direct() -> Res<(f64, f64)> {
     rtt(a)
 }
 
-/// Sends `GET /` for host `name` over `tls` and returns the address of the 307's `Location`.
-fn follow_307(mut tls: impl Read + Write, name: &str) -> Res<SocketAddr> {
+/// Sends `GET /` for host `name` over `tls`: the answer's status and `Location`.
+fn get_root(mut tls: impl Read + Write, name: &str) -> Res<(u16, Option<String>)> {
     write!(tls, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
     let mut answer = Vec::new();
     let _ = tls.read_to_end(&mut answer);
     let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no answer for {name}: {:?}", text.lines().next()))?;
     let loc = text
         .lines()
         .find_map(|l| l.strip_prefix("Location: "))
-        .ok_or_else(|| format!("no 307: {}", text.lines().next().unwrap_or("")))?;
+        .map(str::to_string);
+    Ok((status, loc))
+}
+
+/// Sends `GET /` for host `name` over `tls` and returns the address of the 307's `Location`.
+fn follow_307(tls: impl Read + Write, name: &str) -> Res<SocketAddr> {
+    let (status, loc) = get_root(tls, name)?;
+    let loc = loc.ok_or_else(|| format!("no 307: {status}"))?;
     let hostport = loc
         .split("://")
         .nth(1)
