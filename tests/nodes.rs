@@ -295,11 +295,16 @@ fn churn_every_live_node_is_listed_and_no_dead_one_stays() {
     let watcher = "a";
     // Each name's last kill.
     let mut dead: std::collections::HashMap<String, Instant> = Default::default();
-    // Ten replacements, one every couple of seconds: b and each newcomer in
+    // A replacement every second or two for a minute: b and each newcomer in
     // turn killed and replaced by a new node (new name, or b's name again
     // with a new boot number).
     let mut current = "b".to_string();
-    for round in 0..10 {
+    // For a minute (at most 60 rounds).
+    let start = Instant::now();
+    for round in 0..60 {
+        if start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
         c.node_mut(&current).kill();
         c.remove(&current);
         dead.insert(current.clone(), Instant::now());
@@ -439,11 +444,21 @@ fn curl_follows_a_cross_node_307_to_taas_expose_and_losing_a_node_loses_no_reque
 /// registrations (503, saying why) and logs it; the others go on.
 #[test]
 fn a_node_whose_clock_is_off_from_redis_refuses_registrations_and_says_so() {
-    if !support::need_tool("/usr/bin/faketime", "faketime") {
+    // libfaketime (Debian's faketime), preloaded into the node itself.
+    let lib = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into());
+    if !support::need_tool(lib.to_str().unwrap(), "faketime") {
         return;
     }
     let mut c = Cluster::start(&["a"], "");
-    c.add_wrapped("b", &["faketime", "-f", "+90s"]);
+    c.add_with_env(
+        "b",
+        &[("LD_PRELOAD", lib.to_str().unwrap()), ("FAKETIME", "+90")],
+    );
     assert!(wait_until(one_beat(), || {
         c.node("b").node_status()["clock_off_ms"]
             .as_i64()
@@ -546,4 +561,65 @@ fn an_original_hidden_server_at_one_node_is_reached_through_another() {
         "{} registrations",
         s.registrations()
     );
+}
+
+/// An agent that knows one node only (`--relay` a): a killed, then
+/// restarted, a is registered at again after the agent's back-off, and the
+/// label is reached through b again by cross-node 307s (curl as the mobile).
+#[test]
+fn an_agent_at_one_node_comes_back_through_the_others_after_its_node_restarts() {
+    if !support::need_tool("/usr/bin/curl", "curl") {
+        return;
+    }
+    let mut c = Cluster::start(&["a", "b"], "");
+    let app = support::PlainApp::start();
+    let json = c
+        .dir
+        .path()
+        .join("prov")
+        .join(format!("{}.json", c.prov.id()));
+    let log = c.dir.path().join("agent.log");
+    let a = c.node("a").addr().to_string();
+    let _agent = support::expose(
+        &json,
+        app.port,
+        &["--tls", "--relay", &a, "--pool", "2"],
+        &log,
+    );
+    assert!(wait_until(Duration::from_secs(15), || c.waiting("a") == 2));
+    let ca = c.dir.path().join("ca.crt");
+    let b_port = c.node("b").port;
+    let fetch = || {
+        support::curl(&[
+            "-sS",
+            "-L",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--connect-to",
+            "demo.taas.localhost::127.0.0.3:",
+            "--connect-to",
+            "demo.a.taas.localhost::127.0.0.2:",
+            &format!("https://demo.taas.localhost:{b_port}/"),
+        ])
+    };
+    assert!(
+        wait_until(one_beat(), || fetch().0),
+        "not reached through b before"
+    );
+    c.node_mut("a").kill();
+    assert!(wait_until(one_ttl(), || c.get("b", "/").status == 503));
+    c.node_mut("a").restart();
+    // The agent's slots back off (at most 30 s) and register at a again.
+    assert!(
+        wait_until(taas::agent::MAX_BACKOFF + one_beat(), || c.waiting("a")
+            >= 1),
+        "agent log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(wait_until(one_beat(), || {
+        let (ok, out, _) = fetch();
+        ok && out.contains(support::APP_TEXT)
+    }));
 }

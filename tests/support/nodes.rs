@@ -182,6 +182,27 @@ impl Node {
         }
     }
 
+    /// Starts the node again (after `kill` or `terminate`) with the same
+    /// config: same name, address and ports, a new boot; waits until it
+    /// answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(taas_bin())
+            .args(["serve", "-c", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let name = self.name.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || self.node_status()["name"]
+                == name.as_str()),
+            "node {name} did not come back"
+        );
+    }
+
     /// SIGTERM, and waits (bounded) for it to exit; true when it did.
     pub fn terminate(&mut self, within: Duration) -> bool {
         self.signal("TERM");
@@ -286,15 +307,17 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
-    /// `add`, the process started under `wrapper` (e.g. `faketime -f +90s`).
-    pub fn add_wrapped(&mut self, name: &str, wrapper: &[&str]) -> usize {
+    /// `add`, the process started with `env` added (e.g. libfaketime's
+    /// `LD_PRELOAD` and `FAKETIME`: the process itself, so that killing it
+    /// leaves nothing behind, as a wrapper that forks would).
+    pub fn add_with_env(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
         let node = start_node_under(
             self.dir.path(),
             self.redis.port,
             self.next_host,
             name,
             &self.extra,
-            wrapper,
+            env,
         );
         self.next_host += 1;
         self.nodes.push(node);
@@ -435,19 +458,18 @@ fn start_node(dir: &Path, redis_port: u16, host: u8, name: &str, extra: &str) ->
     start_node_under(dir, redis_port, host, name, extra, &[])
 }
 
-/// `start_node`, the process started under `wrapper` (a command and its
-/// arguments, before `taas serve`).
+/// `start_node`, the process started with `env` added.
 fn start_node_under(
     dir: &Path,
     redis_port: u16,
     host: u8,
     name: &str,
     extra: &str,
-    wrapper: &[&str],
+    env: &[(&str, &str)],
 ) -> Node {
     let mut why = String::new();
     for _attempt in 0..3 {
-        match try_start_node(dir, redis_port, host, name, extra, wrapper) {
+        match try_start_node(dir, redis_port, host, name, extra, env) {
             Ok(node) => return node,
             Err(e) => why = e,
         }
@@ -461,7 +483,7 @@ fn try_start_node(
     host: u8,
     name: &str,
     extra: &str,
-    wrapper: &[&str],
+    env: &[(&str, &str)],
 ) -> Result<Node, String> {
     let ip: IpAddr = format!("127.0.0.{host}").parse().unwrap();
     let range_start = 20000 + u32::from(host) * 500;
@@ -491,16 +513,9 @@ fn try_start_node(
         let (ok, _, err) = taas(dir, &["cert", "-c", config.to_str().unwrap()]);
         assert!(ok, "taas cert: {err}");
     }
-    let mut command = match wrapper.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(taas_bin());
-            c
-        }
-        None => Command::new(taas_bin()),
-    };
-    let child = command
+    let child = Command::new(taas_bin())
         .args(["serve", "-c", config.to_str().unwrap()])
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
