@@ -325,13 +325,25 @@ impl Directory {
     pub fn join(url: &str, node: &str, host: &str) -> Result<Directory> {
         let link = RedisLink::parse(url, MAX_LOOKUP_WAITERS)?;
         let boot_key = format!("taas:node:{{{node}}}:boot");
-        let (boot, redis_now, local): (u64, u64, u64) = link.with(SECURITY_DEADLINE, |c| {
-            let boot = redis::cmd("INCR").arg(&boot_key).query(c)?;
+        let (boot, redis_now, local, live_until) = link.with(SECURITY_DEADLINE, |c| {
+            let live_until: Option<f64> = redis::cmd("ZSCORE").arg(NODES).arg(node).query(c)?;
+            let boot: u64 = redis::cmd("INCR").arg(&boot_key).query(c)?;
             let sent = now_millis();
             let (secs, micros): (u64, u64) = redis::cmd("TIME").query(c)?;
             let local = sent / 2 + now_millis() / 2;
-            Ok((boot, secs * 1000 + micros / 1000, local))
+            Ok((boot, secs * 1000 + micros / 1000, local, live_until))
         })?;
+        // Its last beat within FRESH: another process may be running as this
+        // node (or this one restarted at once). Two with one name overwrite
+        // each other's entries.
+        let fresh_until = redis_now + (TTL - FRESH).as_millis() as u64;
+        if live_until.is_some_and(|until| until > fresh_until as f64) {
+            log::warn!(
+                "node {node}: a node of this name beat less than {} s ago; if another \
+                 process runs as {node}, give each node its own name",
+                FRESH.as_secs()
+            );
+        }
         let (later, jobs) = bounded(MAX_JOBS);
         Ok(Directory {
             later,

@@ -623,3 +623,77 @@ fn an_agent_at_one_node_comes_back_through_the_others_after_its_node_restarts() 
         ok && out.contains(support::APP_TEXT)
     }));
 }
+
+/// A fixed-port label (`cam:PORT`) listens on PORT at every node that holds
+/// its responders, and another node's 307 names that node and PORT.
+#[test]
+fn a_fixed_port_label_listens_at_each_node_that_holds_its_responders() {
+    let c = Cluster::start(&["a", "b"], "");
+    // A port outside every node's port_range (those lie below 23000).
+    let port = support::free_port();
+    let out = c.dir.path().join("prov-cam");
+    let (ok, stdout, err) = support::users_add(
+        c.dir.path(),
+        &c.node("a").config,
+        &format!("cam:{port}"),
+        &out,
+    );
+    assert!(ok, "users add: {err}");
+    let prov =
+        taas::provision::Provision::load(std::path::Path::new(stdout.lines().next().unwrap()))
+            .unwrap();
+    let responder_at = |node: &str| {
+        let mut r = taas::agent::Registrar::from_provision(&prov).unwrap();
+        r.connect = c.node(node).addr().to_string();
+        let plug = r.register("cam").unwrap();
+        let s = std::net::TcpStream::connect(plug).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let listeners = || {
+        let want = format!(":{port:04X}");
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
+            .count()
+    };
+    let mut at_a = responder_at("a");
+    assert!(
+        wait_until(one_beat(), || listeners() == 1),
+        "a listens on {port}"
+    );
+    assert!(wait_until(one_beat(), || c
+        .node("b")
+        .counter("directory_size")
+        >= 1));
+    // b has none: its 307 names a and the fixed port.
+    let get = |node: &str| {
+        let tcp = std::net::TcpStream::connect(c.node(node).addr()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tls = support::tls_stream(&c.ca_pem, "cam.taas.localhost", tcp);
+        std::io::Write::write_all(
+            &mut tls,
+            b"GET /cam HTTP/1.1\r\nHost: cam.taas.localhost\r\n\r\n",
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut tls, &mut got);
+        support::Reply::parse(&got)
+    };
+    let r = get("b");
+    assert_eq!(r.status, 307, "{r:?}");
+    assert_eq!(location(&r), ("cam.a.taas.localhost".to_string(), port));
+    bytes_both_ways(ip("127.0.0.2"), port, &mut at_a);
+    // A responder at b too: b listens on the same port at its own address.
+    let _at_b = responder_at("b");
+    assert!(
+        wait_until(one_beat(), || listeners() == 2),
+        "b listens on {port}"
+    );
+    let r = get("b");
+    assert_eq!(location(&r), ("cam.taas.localhost".to_string(), port));
+}

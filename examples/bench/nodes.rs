@@ -37,7 +37,7 @@ const PROP_ROUNDS: usize = 20;
 /// Rounds of the 307 and the whole flow, cross-node and local, interleaved.
 const COST_ROUNDS: usize = 200;
 /// SIGKILLs, a and c in turn.
-const KILLS: usize = 16;
+const KILLS: usize = 20;
 /// Responders kept waiting for `ha` at a and at c each.
 const KEEP: usize = 6;
 /// At most one GET to b started per this.
