@@ -1118,3 +1118,71 @@ fn weighted(candidates: Vec<Remote>) -> Option<Remote> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(node: &str, waiting: usize) -> Remote {
+        Remote {
+            node: node.into(),
+            host: "127.0.0.2".into(),
+            offer: Offer { port: 1, waiting },
+            boot: 1,
+            until: Instant::now() + TTL,
+        }
+    }
+
+    #[test]
+    fn the_pick_is_weighted_by_waiting_and_never_an_empty_node() {
+        assert!(weighted(Vec::new()).is_none());
+        assert!(weighted(vec![remote("a", 0)]).is_none());
+        let mut seen = HashMap::new();
+        for _ in 0..2000 {
+            let r = weighted(vec![remote("a", 1), remote("b", 3), remote("c", 0)]).unwrap();
+            *seen.entry(r.node).or_insert(0usize) += 1;
+        }
+        assert!(!seen.contains_key("c"), "{seen:?}");
+        let (a, b) = (seen["a"], seen["b"]);
+        // 1 : 3, loosely (2000 draws: far outside these bounds is a bug).
+        assert!(a > 300 && a < 700 && b > 1300, "{seen:?}");
+        let huge = weighted(vec![remote("a", usize::MAX), remote("b", usize::MAX)]);
+        assert!(huge.is_some(), "no overflow");
+    }
+
+    #[test]
+    fn names_and_hosts_from_redis_are_checked_before_a_location() {
+        assert!(valid_peer("a", "127.0.0.2"));
+        assert!(valid_peer("node-2", "relay.example.com"));
+        assert!(valid_peer("b", "::1"));
+        for (node, host) in [
+            ("A", "127.0.0.2"),
+            ("a.b", "127.0.0.2"),
+            ("a", ""),
+            ("a", "x\r\nSet-Cookie: y"),
+            ("a", "x/y"),
+            ("a", "user@host"),
+            ("a", "h ost"),
+        ] {
+            assert!(!valid_peer(node, host), "{node:?} {host:?}");
+        }
+    }
+
+    #[test]
+    fn keys_share_a_hash_tag_per_label_and_per_id() {
+        assert_eq!(Directory::label_key("cam"), "taas:{cam}:nodes");
+        assert!(
+            Directory::path_key("cam", "127.0.0.1".parse().unwrap()).starts_with("taas:{cam}:")
+        );
+        assert!(Directory::pairings_key("cam").starts_with("taas:{cam}:"));
+        let id = "8f6b2c1e-4d3a-4b5c-9e7f-0a1b2c3d4e5f";
+        let src: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(Bucket::Id(id).key().starts_with(&format!("taas:{{{id}}}:")));
+        assert!(
+            Bucket::Trusted(src, id)
+                .key()
+                .starts_with(&format!("taas:{{{id}}}:"))
+        );
+        assert!(NODES.starts_with("taas:{nodes}") && KNOWN.starts_with("taas:{nodes}"));
+    }
+}
