@@ -317,11 +317,17 @@ fn dead_responders_are_never_paired() {
     let mut live = relay.responder(&p, "demo");
     let q = relay.rendezvous("demo", "/").unwrap();
     // One closes with FIN, one with RST, after the 307 was given out.
+    let ends = [&closed, &reset].map(|s| (s.peer_addr().unwrap(), s.local_addr().unwrap()));
     drop(closed);
     socket2::SockRef::from(&reset)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(reset);
+    // Once the relay's ends have had the FIN and the RST (under load the
+    // kernel delivers them a little later), neither may be paired.
+    assert!(wait_until(LIMIT, || ends.iter().all(
+        |(relay_end, ours)| support::tcp_state(*relay_end, *ours) != Some(1)
+    )));
     let mut mobile = paired_mobile(q, &mut live, b"alive?");
     send(&mut live, &mut mobile, b"yes");
 }

@@ -450,6 +450,29 @@ pub fn client_tls(pem: &str) -> Arc<rustls::ClientConfig> {
 
 // Helpers for the registrar, rendezvous and hostile tests.
 
+/// The kernel's state of the IPv4 TCP socket from `local` to `remote`, as
+/// `/proc/net/tcp` gives it (1 = established, 8 = close-wait, …); `None`
+/// when there is no such socket. Lets a test wait until a FIN or RST it sent
+/// has reached the other end (under load, loopback delivers it later).
+pub fn tcp_state(local: SocketAddr, remote: SocketAddr) -> Option<u8> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )),
+        SocketAddr::V6(_) => None,
+    };
+    let (l, r) = (hex(local)?, hex(remote)?);
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.len() > 3 && cols[1] == l && cols[2] == r)
+            .then(|| u8::from_str_radix(cols[3], 16).ok())
+            .flatten()
+    })
+}
+
 /// Is a TCP socket listening on `port` (any local address)? Read from
 /// `/proc/net/tcp{,6}`, so asking does not connect: a connection would count as a
 /// use of a rendezvous port, or be taken by a plug.
