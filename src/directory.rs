@@ -328,6 +328,9 @@ impl Directory {
         let (boot, redis_now, local, live_until) = link.with(SECURITY_DEADLINE, |c| {
             let live_until: Option<f64> = redis::cmd("ZSCORE").arg(NODES).arg(node).query(c)?;
             let boot: u64 = redis::cmd("INCR").arg(&boot_key).query(c)?;
+            // Known from its first moment (label certificates issued from
+            // now on name it), not from its first heartbeat.
+            redis::cmd("SADD").arg(KNOWN).arg(node).query::<i64>(c)?;
             let sent = now_millis();
             let (secs, micros): (u64, u64) = redis::cmd("TIME").query(c)?;
             let local = sent / 2 + now_millis() / 2;

@@ -254,6 +254,16 @@ impl Cluster {
         for (i, name) in names.iter().enumerate() {
             nodes.push(start_node(dir.path(), redis.port, 2 + i as u8, name, extra));
         }
+        let n = nodes.len();
+        for node in &nodes {
+            assert!(
+                wait_until(Duration::from_secs(15), || node.peers().len() == n - 1),
+                "node {} lists {:?}, not all {} others",
+                node.name,
+                node.peers(),
+                n - 1
+            );
+        }
         let first = nodes[0].config.clone();
         let out = dir.path().join("prov");
         let (ok, stdout, err) = taas(
@@ -271,16 +281,6 @@ impl Cluster {
         assert!(ok, "users add: {err}");
         let prov = Provision::load(Path::new(stdout.lines().next().unwrap())).unwrap();
         let ca_pem = prov.server.ca.clone().expect("server.ca");
-        let n = nodes.len();
-        for node in &nodes {
-            assert!(
-                wait_until(Duration::from_secs(15), || node.peers().len() == n - 1),
-                "node {} lists {:?}, not all {} others",
-                node.name,
-                node.peers(),
-                n - 1
-            );
-        }
         Cluster {
             next_host: 2 + n as u8,
             dir,
