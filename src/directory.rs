@@ -191,6 +191,8 @@ pub struct Directory {
     seq: AtomicU64,
     /// Local clock minus Redis's `TIME`, in ms (last heartbeat).
     clock_off_ms: AtomicI64,
+    /// The clock was found off and that was logged.
+    clock_warned: AtomicBool,
     /// The counters.
     pub counters: Counters,
     /// Work a pair's thread hands off (its stack is small, and a pairing
@@ -365,6 +367,7 @@ impl Directory {
             seq: AtomicU64::new(0),
             // Measured before the first registration can be checked.
             clock_off_ms: AtomicI64::new(local as i64 - redis_now as i64),
+            clock_warned: AtomicBool::new(false),
             counters: Counters::default(),
         })
     }
@@ -405,10 +408,36 @@ impl Directory {
         self.clock_off_ms.load(Ordering::SeqCst)
     }
 
+    /// Is this node's clock too far from Redis's to register?
+    fn clock_off(&self) -> bool {
+        self.clock_off_ms().unsigned_abs() > MAX_CLOCK_OFF.as_millis() as u64
+    }
+
+    /// Logs a clock off from Redis's by more than `MAX_CLOCK_OFF` (once, and
+    /// when it is right again): the heartbeat's check.
+    pub fn check_clock(&self) {
+        let bad = self.clock_off();
+        if bad && !self.clock_warned.swap(true, Ordering::SeqCst) {
+            log::error!(
+                "node {}: this clock is {:.1} s off from Redis's: registrations are refused \
+                 until it is within {} s (run NTP)",
+                self.node,
+                self.clock_off_ms() as f64 / 1000.0,
+                MAX_CLOCK_OFF.as_secs()
+            );
+        } else if !bad && self.clock_warned.swap(false, Ordering::SeqCst) {
+            log::info!(
+                "node {}: clock within {} s of Redis's again",
+                self.node,
+                MAX_CLOCK_OFF.as_secs()
+            );
+        }
+    }
+
     /// `ClockOff` when this node's clock is too far from Redis's to register.
     pub fn clock_ok(&self) -> Result<()> {
         let off = self.clock_off_ms();
-        if off.unsigned_abs() > MAX_CLOCK_OFF.as_millis() as u64 {
+        if self.clock_off() {
             return Err(Error::ClockOff {
                 node: self.node.clone(),
                 off_ms: off,

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crossbeam_channel::RecvTimeoutError;
 
-use crate::directory::{Directory, HEARTBEAT, MAX_CLOCK_OFF, Offer};
+use crate::directory::{Directory, HEARTBEAT, Offer};
 use crate::error::{Error, Result};
 use crate::rendezvous;
 use crate::state::Shared;
@@ -60,7 +60,7 @@ impl Node {
                 }
                 let _ = d.publish(offers(&s), all);
                 if all {
-                    check_clock(&d);
+                    d.check_clock();
                 }
                 // Until the next beat, or a pool's edge (several at once
                 // are one write).
@@ -140,27 +140,4 @@ fn offers(shared: &Arc<Shared>) -> BTreeMap<String, Offer> {
         }
     }
     offers
-}
-
-/// Logs a clock off from Redis's by more than `MAX_CLOCK_OFF` (once, and
-/// when it is right again).
-fn check_clock(dir: &Directory) {
-    let off = dir.clock_off_ms();
-    let bad = off.unsigned_abs() > MAX_CLOCK_OFF.as_millis() as u64;
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    if bad && !WARNED.swap(true, Ordering::SeqCst) {
-        log::error!(
-            "node {}: this clock is {:.1} s off from Redis's: registrations are refused \
-             until it is within {} s (run NTP)",
-            dir.node,
-            off as f64 / 1000.0,
-            MAX_CLOCK_OFF.as_secs()
-        );
-    } else if !bad && WARNED.swap(false, Ordering::SeqCst) {
-        log::info!(
-            "node {}: clock within {} s of Redis's again",
-            dir.node,
-            MAX_CLOCK_OFF.as_secs()
-        );
-    }
 }

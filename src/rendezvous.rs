@@ -258,10 +258,11 @@ fn start_next(next: &mut Option<Port>) -> std::io::Result<()> {
 /// node's worker, so the pair's first octets wait on no Redis call, and is
 /// skipped while Redis is known down.
 fn record(shared: &Shared, label: &Arc<Label>, pairing: Pairing, peer: SocketAddr) {
-    label.record(pairing.clone());
     let Some(dir) = shared.directory.as_ref().filter(|d| d.is_up()) else {
+        label.record(pairing);
         return;
     };
+    label.record(pairing.clone());
     let label = label.clone();
     dir.later(Box::new(move |dir| {
         let mut pairing = pairing;

@@ -383,30 +383,9 @@ fn curl_follows_a_cross_node_307_to_taas_expose_and_losing_a_node_loses_no_reque
         .node("b")
         .counter("directory_size")
         >= 2));
-    let ca = c.dir.path().join("ca.crt");
-    let b_port = c.node("b").port;
-    let fetch = |path: &str| {
-        support::curl(&[
-            "-sS",
-            "-L",
-            "--max-time",
-            "20",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "--connect-to",
-            "demo.taas.localhost::127.0.0.3:",
-            "--connect-to",
-            "demo.a.taas.localhost::127.0.0.2:",
-            "--connect-to",
-            "demo.c.taas.localhost::127.0.0.4:",
-            "-w",
-            "\n%{url_effective}",
-            &format!("https://demo.taas.localhost:{b_port}{path}"),
-        ])
-    };
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..6 {
-        let (ok, out, err) = fetch(&format!("/page{i}?q={i}"));
+        let (ok, out, err) = c.curl("b", &format!("/page{i}?q={i}"));
         assert!(ok, "curl: {err}");
         assert!(out.contains(support::APP_TEXT), "{out}");
         assert!(
@@ -427,7 +406,7 @@ fn curl_follows_a_cross_node_307_to_taas_expose_and_losing_a_node_loses_no_reque
         "b still lists a"
     );
     for i in 0..8 {
-        let (ok, out, err) = fetch(&format!("/after{i}"));
+        let (ok, out, err) = c.curl("b", &format!("/after{i}"));
         assert!(ok, "request {i} after a was killed: {err}");
         assert!(out.contains(support::APP_TEXT));
         assert!(
@@ -587,25 +566,8 @@ fn an_agent_at_one_node_comes_back_through_the_others_after_its_node_restarts() 
         &log,
     );
     assert!(wait_until(Duration::from_secs(15), || c.waiting("a") == 2));
-    let ca = c.dir.path().join("ca.crt");
-    let b_port = c.node("b").port;
-    let fetch = || {
-        support::curl(&[
-            "-sS",
-            "-L",
-            "--max-time",
-            "20",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "--connect-to",
-            "demo.taas.localhost::127.0.0.3:",
-            "--connect-to",
-            "demo.a.taas.localhost::127.0.0.2:",
-            &format!("https://demo.taas.localhost:{b_port}/"),
-        ])
-    };
     assert!(
-        wait_until(one_beat(), || fetch().0),
+        wait_until(one_beat(), || c.curl("b", "/").0),
         "not reached through b before"
     );
     c.node_mut("a").kill();
@@ -619,7 +581,7 @@ fn an_agent_at_one_node_comes_back_through_the_others_after_its_node_restarts() 
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert!(wait_until(one_beat(), || {
-        let (ok, out, _) = fetch();
+        let (ok, out, _) = c.curl("b", "/");
         ok && out.contains(support::APP_TEXT)
     }));
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Proc, TestRelay, free_port};
+use support::{Proc, TestRelay, free_port, wait_until};
 
 /// The master's name in the sentinels' configuration.
 const MASTER: &str = "taasmaster";
@@ -96,20 +96,6 @@ fn ask<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> redis::RedisResult
     cmd.query(&mut conn)
 }
 
-/// Polls `f` every 100 ms until it is true or `limit` passes.
-fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 impl Cluster {
     /// Starts everything and waits until the replica is in sync and every
     /// sentinel knows the replica and the two other sentinels.
@@ -133,7 +119,7 @@ impl Cluster {
             dir,
         };
         assert!(
-            poll(SETTLE, || ask::<String>(
+            wait_until(SETTLE, || ask::<String>(
                 c.replica_port,
                 &["INFO", "replication"]
             )
@@ -147,7 +133,7 @@ impl Cluster {
                     .is_ok_and(|v| v.len() == n)
             };
             assert!(
-                poll(SETTLE, || knows("replicas", 1) && knows("sentinels", 2)),
+                wait_until(SETTLE, || knows("replicas", 1) && knows("sentinels", 2)),
                 "sentinel {port} never learnt the replica and the other sentinels\n{}",
                 c.logs()
             );
@@ -240,7 +226,7 @@ fn registrations_follow_a_sentinel_failover() {
         "not on the master"
     );
     assert!(
-        poll(SETTLE, || on(cluster.replica_port, p.id()).is_some()),
+        wait_until(SETTLE, || on(cluster.replica_port, p.id()).is_some()),
         "never replicated\n{}",
         cluster.logs()
     );
@@ -257,7 +243,7 @@ fn registrations_follow_a_sentinel_failover() {
     let killed = Instant::now();
     let mut during = Vec::new();
     assert!(
-        poll(FAILOVER, || {
+        wait_until(FAILOVER, || {
             let asked = Instant::now();
             let r = relay.register(&p, "demo");
             let retry = r.header("retry-after").map(str::to_string);
@@ -312,7 +298,7 @@ fn registrations_follow_a_sentinel_failover() {
     // master, and the subscriber listens there again.
     let _responder = relay.responder(&q, "second");
     assert!(
-        poll(FAILOVER, || ask::<bool>(
+        wait_until(FAILOVER, || ask::<bool>(
             cluster.replica_port,
             &["HEXISTS", "taas:{second}:nodes", "a"]
         )
@@ -320,7 +306,7 @@ fn registrations_follow_a_sentinel_failover() {
         "no directory entry on the new master"
     );
     assert!(
-        poll(FAILOVER, || ask::<(String, i64)>(
+        wait_until(FAILOVER, || ask::<(String, i64)>(
             cluster.replica_port,
             &["PUBSUB", "NUMSUB", taas::directory::CHANNEL]
         )

@@ -187,14 +187,7 @@ impl Node {
     /// answers.
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new(taas_bin())
-            .args(["serve", "-c", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.child = Some(serve(&self.config, &[], Stdio::null()));
         let name = self.name.clone();
         assert!(
             wait_until(Duration::from_secs(20), || self.node_status()["name"]
@@ -252,7 +245,14 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            nodes.push(start_node(dir.path(), redis.port, 2 + i as u8, name, extra));
+            nodes.push(start_node(
+                dir.path(),
+                redis.port,
+                2 + i as u8,
+                name,
+                extra,
+                &[],
+            ));
         }
         let n = nodes.len();
         for node in &nodes {
@@ -295,23 +295,14 @@ impl Cluster {
     /// Starts one more node named `name` on the next loopback address; waits
     /// until it answers on its status listener. Returns its index.
     pub fn add(&mut self, name: &str) -> usize {
-        let node = start_node(
-            self.dir.path(),
-            self.redis.port,
-            self.next_host,
-            name,
-            &self.extra,
-        );
-        self.next_host += 1;
-        self.nodes.push(node);
-        self.nodes.len() - 1
+        self.add_with_env(name, &[])
     }
 
     /// `add`, the process started with `env` added (e.g. libfaketime's
     /// `LD_PRELOAD` and `FAKETIME`: the process itself, so that killing it
     /// leaves nothing behind, as a wrapper that forks would).
     pub fn add_with_env(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
-        let node = start_node_under(
+        let node = start_node(
             self.dir.path(),
             self.redis.port,
             self.next_host,
@@ -435,6 +426,33 @@ impl Cluster {
         Reply::parse(&out)
     }
 
+    /// `curl -sS -L` for the label's `path` at `node`, as a mobile: trusting
+    /// the relay's CA only, every `demo.taas.localhost` and
+    /// `demo.NODE.taas.localhost` sent to that node's address (curl would
+    /// take any `*.localhost` for 127.0.0.1), the effective URL on the last
+    /// line. (ok, stdout, stderr).
+    pub fn curl(&self, node: &str, path: &str) -> (bool, String, String) {
+        let ca = self.dir.path().join("ca.crt");
+        let mut args: Vec<String> = ["-sS", "-L", "--max-time", "20", "--cacert"]
+            .map(String::from)
+            .to_vec();
+        args.push(ca.to_str().unwrap().to_string());
+        args.push("--connect-to".into());
+        args.push(format!("{LABEL}.taas.localhost::{}:", self.node(node).ip));
+        for n in &self.nodes {
+            args.push("--connect-to".into());
+            args.push(format!("{LABEL}.{}.taas.localhost::{}:", n.name, n.ip));
+        }
+        args.push("-w".into());
+        args.push("\n%{url_effective}".into());
+        args.push(format!(
+            "https://{LABEL}.taas.localhost:{}{path}",
+            self.node(node).port
+        ));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::curl(&args)
+    }
+
     /// The waiting responders of the label at `node`, as its `/status` says.
     pub fn waiting(&self, node: &str) -> usize {
         let Some((_, body)) = self.node(node).status_get("/status") else {
@@ -449,17 +467,24 @@ impl Cluster {
     }
 }
 
+/// `taas serve -c config` with `env` added, its stderr to `stderr`.
+fn serve(config: &Path, env: &[(&str, &str)], stderr: Stdio) -> Child {
+    Command::new(taas_bin())
+        .args(["serve", "-c", config.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// Starts node `name` on 127.0.0.`host`, its Redis link through a proxy of
 /// its own to the Redis on `redis_port`, its files in `dir` (the CA and the
 /// registrar's certificate made there by the first); waits until it answers.
 /// A start that fails (a port taken meanwhile by a parallel test) is tried
 /// again on other ports, at most three times.
-fn start_node(dir: &Path, redis_port: u16, host: u8, name: &str, extra: &str) -> Node {
-    start_node_under(dir, redis_port, host, name, extra, &[])
-}
-
-/// `start_node`, the process started with `env` added.
-fn start_node_under(
+fn start_node(
     dir: &Path,
     redis_port: u16,
     host: u8,
@@ -513,14 +538,11 @@ fn try_start_node(
         let (ok, _, err) = taas(dir, &["cert", "-c", config.to_str().unwrap()]);
         assert!(ok, "taas cert: {err}");
     }
-    let child = Command::new(taas_bin())
-        .args(["serve", "-c", config.to_str().unwrap()])
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let child = serve(
+        &config,
+        env,
+        std::fs::File::create(&stderr_path).unwrap().into(),
+    );
     let mut node = Node {
         name: name.to_string(),
         ip,
