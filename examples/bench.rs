@@ -72,6 +72,25 @@ fn main() -> Res<()> {
         }
         return Ok(());
     }
+    // `-- setup`: only the connect -> first byte rows, printed (for trying a
+    // change to the set-up path without the whole run).
+    if std::env::args().nth(1).as_deref() == Some("setup") {
+        let relay = Relay::start(&bin, true)?;
+        let s = relay.connect_to_byte(&bin)?;
+        for (name, (median, p99)) in [
+            ("direct", s.direct),
+            ("hidden echoes", s.hidden),
+            ("via taas expose", s.agent),
+        ] {
+            println!(
+                "{name:<16} {:>8.3} ms  p99 {:.3} ms  {:.2} of direct",
+                median * 1e3,
+                p99 * 1e3,
+                median / s.direct.0
+            );
+        }
+        return Ok(());
+    }
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut json = serde_json::Map::new();
     let mut put = |name: &str,
