@@ -64,32 +64,38 @@ fn main() -> Res<()> {
     if !bin.exists() {
         return Err("build first: cargo build --release (make bench does)".into());
     }
-    // `cargo run --release --example bench -- nodes`: only the rows of
-    // several nodes, printed (bench.json is left as it is).
-    if std::env::args().nth(1).as_deref() == Some("nodes") {
-        for (name, value, unit, note) in nodes::run(&bin)?.unwrap_or_default() {
-            println!("{name:<48} {:>18}  {note}", format!("{value:.3} {unit}"));
+    // `cargo run --release --example bench -- MODE`: `nodes`, only the rows
+    // of several nodes; `setup`, only the connect -> first byte rows (to try a
+    // change to the set-up path without the whole run). Both print their rows
+    // and leave bench.json as it is.
+    match std::env::args().nth(1).as_deref() {
+        None => {}
+        Some("nodes") => {
+            for (name, value, unit, note) in nodes::run(&bin)?.unwrap_or_default() {
+                println!("{name:<48} {:>18}  {note}", format!("{value:.3} {unit}"));
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-    // `-- setup`: only the connect -> first byte rows, printed (for trying a
-    // change to the set-up path without the whole run).
-    if std::env::args().nth(1).as_deref() == Some("setup") {
-        let relay = Relay::start(&bin, true)?;
-        let s = relay.connect_to_byte(&bin)?;
-        for (name, (median, p99)) in [
-            ("direct", s.direct),
-            ("hidden echoes", s.hidden),
-            ("via taas expose", s.agent),
-        ] {
-            println!(
-                "{name:<16} {:>8.3} ms  p99 {:.3} ms  {:.2} of direct",
-                median * 1e3,
-                p99 * 1e3,
-                median / s.direct.0
-            );
+        Some("setup") => {
+            let relay = Relay::start(&bin, true)?;
+            let s = relay.connect_to_byte(&bin)?;
+            for (name, (median, p99)) in [
+                ("direct", s.direct),
+                ("hidden echoes", s.hidden),
+                ("via taas expose", s.agent),
+            ] {
+                println!(
+                    "{name:<16} {:>8.3} ms  p99 {:.3} ms  {:.2} of direct",
+                    median * 1e3,
+                    p99 * 1e3,
+                    median / s.direct.0
+                );
+            }
+            return Ok(());
         }
-        return Ok(());
+        Some(other) => {
+            return Err(format!("unknown bench mode {other:?}: nodes, setup or none").into());
+        }
     }
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut json = serde_json::Map::new();
