@@ -26,6 +26,8 @@ use taas::provision::Provision;
 // examples/bench/ (no main.rs) is not an example of its own.
 #[path = "bench/nodes.rs"]
 mod nodes;
+#[path = "bench/peers.rs"]
+mod peers;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -66,8 +68,9 @@ fn main() -> Res<()> {
     }
     // `cargo run --release --example bench -- MODE`: `nodes`, only the rows
     // of several nodes; `setup`, only the connect -> first byte rows (to try a
-    // change to the set-up path without the whole run). Both print their rows
-    // and leave bench.json as it is.
+    // change to the set-up path without the whole run); `peers`, connect ->
+    // first byte through taas expose, rathole and bore. Each prints its rows
+    // and leaves bench.json as it is.
     match std::env::args().nth(1).as_deref() {
         None => {}
         Some("nodes") => {
@@ -93,8 +96,24 @@ fn main() -> Res<()> {
             }
             return Ok(());
         }
+        Some("peers") => {
+            let relay = Relay::start(&bin, true)?;
+            let rows = peers::run(&bin, &relay)?;
+            let direct = rows.first().map_or(f64::NAN, |r| r.1);
+            for (name, median, p99) in rows {
+                println!(
+                    "{name:<16} {:>8.3} ms  p99 {:.3} ms  {:.2} of direct",
+                    median * 1e3,
+                    p99 * 1e3,
+                    median / direct
+                );
+            }
+            return Ok(());
+        }
         Some(other) => {
-            return Err(format!("unknown bench mode {other:?}: nodes, setup or none").into());
+            return Err(
+                format!("unknown bench mode {other:?}: nodes, setup, peers or none").into(),
+            );
         }
     }
     let mut rows: Vec<(String, String, String)> = Vec::new();
@@ -279,6 +298,24 @@ fn main() -> Res<()> {
         ),
         &mut rows,
     );
+    // rathole and bore, when installed, in rounds of their own beside direct
+    // and taas expose again (their ratios are to that direct).
+    if let [(_, direct, _), (_, taas, _), others @ ..] = peers::run(&bin, &relay)?.as_slice() {
+        for (name, median, p99) in others {
+            put(
+                &format!("{name} connect -> first byte (a peer)"),
+                ms(*median),
+                "ms",
+                format!(
+                    "{:.2} of direct; p99 {:.3} ms; taas expose {:.2} in these rounds",
+                    median / direct,
+                    ms(*p99),
+                    taas / direct
+                ),
+                &mut rows,
+            );
+        }
+    }
     match relay.curl_flows(&bin)? {
         Some(curl) => {
             put(
