@@ -517,6 +517,32 @@ fn echo(mut s: TcpStream) {
     });
 }
 
+/// A local echo service, a thread per connection (`echo`), for the rest of
+/// the run; its address.
+fn echo_service() -> Res<SocketAddr> {
+    let svc = TcpListener::bind("127.0.0.1:0")?;
+    let addr = svc.local_addr()?;
+    std::thread::spawn(move || {
+        for s in svc.incoming().flatten() {
+            let _ = s.set_nodelay(true);
+            echo(s);
+        }
+    });
+    Ok(addr)
+}
+
+/// Shuffles `order` in place (Fisher-Yates on a xorshift of `seed`): each
+/// round of set-up connections in its own order, what ran just before
+/// mattering on this VM, from a fixed seed.
+fn shuffle(order: &mut [usize], seed: &mut u32) {
+    for i in (1..order.len()).rev() {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 17;
+        *seed ^= *seed << 5;
+        order.swap(i, *seed as usize % (i + 1));
+    }
+}
+
 /// Median and p99 of 64-byte round trips, seconds.
 fn rtt(mut s: TcpStream) -> Res<(f64, f64)> {
     s.set_nodelay(true)?;
@@ -848,14 +874,7 @@ impl Relay {
     /// service; to Q where the hidden side (a responder registered here)
     /// echoes; to Q through `taas expose --to` that echo service.
     fn connect_to_byte(&self, bin: &Path) -> Res<SetupTimes> {
-        let svc = TcpListener::bind("127.0.0.1:0")?;
-        let svc_addr = svc.local_addr()?;
-        std::thread::spawn(move || {
-            for s in svc.incoming().flatten() {
-                let _ = s.set_nodelay(true);
-                echo(s);
-            }
-        });
+        let svc_addr = echo_service()?;
         let mut agent = self.expose(bin, "agent", svc_addr)?;
         let measured = (|| {
             // A few responders ahead, so that a plug still being accepted
@@ -873,12 +892,7 @@ impl Relay {
             for _ in 0..SETUP_ROUNDS {
                 echo(self.responder()?);
                 let mut order = [0, 1, 2];
-                for i in (1..3).rev() {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 17;
-                    seed ^= seed << 5;
-                    order.swap(i, seed as usize % (i + 1));
-                }
+                shuffle(&mut order, &mut seed);
                 for k in order {
                     std::thread::sleep(SETUP_GAP);
                     took[k].push(first_echo(to[k])?);

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Relay, Res, SETUP_GAP, SETUP_ROUNDS, echo, first_echo, percentile};
+use super::{Relay, Res, SETUP_GAP, SETUP_ROUNDS, echo_service, first_echo, percentile, shuffle};
 
 /// Longest wait for a peer's tunnel to answer.
 const WAIT: Duration = Duration::from_secs(10);
@@ -37,14 +37,7 @@ pub type Row = (String, f64, f64);
 
 /// The rows, direct first; each peer's tunnel is up before the rounds start.
 pub fn run(bin: &Path, relay: &Relay) -> Res<Vec<Row>> {
-    let svc = TcpListener::bind("127.0.0.1:0")?;
-    let svc_addr = svc.local_addr()?;
-    std::thread::spawn(move || {
-        for s in svc.incoming().flatten() {
-            let _ = s.set_nodelay(true);
-            echo(s);
-        }
-    });
+    let svc_addr = echo_service()?;
     let dir = tempfile::tempdir()?;
     let mut guards = vec![Guard(relay.expose(bin, "agent", svc_addr)?)];
     // The agent's first registrations take a moment: polled, within WAIT.
@@ -81,12 +74,7 @@ pub fn run(bin: &Path, relay: &Relay) -> Res<Vec<Row>> {
     let mut order: Vec<usize> = (0..to.len()).collect();
     let mut seed = 0x2545_f491_u32;
     for _ in 0..SETUP_ROUNDS {
-        for i in (1..order.len()).rev() {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            order.swap(i, seed as usize % (i + 1));
-        }
+        shuffle(&mut order, &mut seed);
         for &k in &order {
             std::thread::sleep(SETUP_GAP);
             took[k].push(first_echo(to[k].1)?);
