@@ -40,15 +40,8 @@ pub fn run(bin: &Path, relay: &Relay) -> Res<Vec<Row>> {
     let svc_addr = echo_service()?;
     let dir = tempfile::tempdir()?;
     let mut guards = vec![Guard(relay.expose(bin, "agent", svc_addr)?)];
-    // The agent's first registrations take a moment: polled, within WAIT.
-    let t = Instant::now();
-    let q = loop {
-        match relay.rendezvous("agent") {
-            Ok(q) => break q,
-            Err(e) if t.elapsed() > WAIT => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    // The agent's first registrations take a moment.
+    let q = relay.rendezvous_within("agent", WAIT)?;
     let mut to: Vec<(String, SocketAddr)> =
         vec![("direct".into(), svc_addr), ("taas expose".into(), q)];
     match find("rathole") {
@@ -160,14 +153,19 @@ fn rathole(exe: &Path, dir: &Path, svc: SocketAddr) -> Res<(Vec<Guard>, SocketAd
 /// loopback; the tunnel's port.
 fn bore(exe: &Path, svc: SocketAddr) -> Res<(Vec<Guard>, SocketAddr)> {
     let tunnel = free_port()?;
-    let s = Guard(
+    let mut s = Guard(
         quiet(exe)
             .args(["server", "--bind-addr", "127.0.0.1"])
             .spawn()?,
     );
-    // The client gives up when the server is not listening yet: retried.
+    // The client gives up when the server is not listening yet: it starts
+    // once the port answers, and only while this server runs (one that
+    // exited, e.g. port 7835 taken, would leave another program answering).
     let t = Instant::now();
     let c = loop {
+        if let Some(status) = s.0.try_wait()? {
+            return Err(format!("bore server exited ({status}): is 127.0.0.1:7835 taken?").into());
+        }
         if std::net::TcpStream::connect("127.0.0.1:7835").is_ok() {
             break Guard(
                 quiet(exe)
