@@ -54,13 +54,20 @@ const SERIAL_BYTES: usize = 16;
 const REGISTRAR_CN: &str = "taas relay";
 
 /// The names a relay certificate is valid for: IP `public_host` (or DNS when it
-/// is a name), DNS `registrar_name`, DNS `*.servers_domain`.
+/// is a name), DNS `registrar_name`, DNS `*.servers_domain`, and on a node DNS
+/// `*.registrar_name`: every node's `NODE.registrar_name`, the name a
+/// draining node's 307 gives another node's registrar (one certificate serves
+/// all nodes).
 pub fn subject_alt_names(config: &Config) -> Vec<String> {
-    vec![
+    let mut names = vec![
         config.public_host.clone(),
         config.registrar_name.clone(),
         format!("*.{}", config.servers_domain),
-    ]
+    ];
+    if config.node.is_some() {
+        names.push(format!("*.{}", config.registrar_name));
+    }
+    names
 }
 
 /// A new key pair and self-signed certificate for `names`, as PEM (cert, key).

@@ -406,10 +406,7 @@ impl Config {
 
     /// `public_host:port` as it goes in a 200 body or a `Location`: IPv6 in brackets.
     pub fn public_addr(&self, port: u16) -> String {
-        match self.public_host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
-            _ => format!("{}:{port}", self.public_host),
-        }
+        host_port(&self.public_host, port)
     }
 
     /// The `Location` of a 307 for `label` to its rendezvous port `port`:
@@ -432,12 +429,28 @@ impl Config {
     pub fn node_url(&self, label: &str, node: &str, host: &str, port: u16, target: &str) -> String {
         let host = match self.redirect_host {
             RedirectHost::Name => format!("{label}.{node}.{}:{port}", self.servers_domain),
-            RedirectHost::Address => match host.parse::<IpAddr>() {
-                Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
-                _ => format!("{host}:{port}"),
-            },
+            RedirectHost::Address => host_port(host, port),
         };
         format!("{}://{host}{target}", self.scheme())
+    }
+
+    /// The `Location` of a draining node's 307 for a registration to another
+    /// node's registrar: `NODE.registrar_name` (one DNS record per node; each
+    /// node's registrar certificate names it) at that node's well-known
+    /// `port`, followed by `target`.
+    pub fn registrar_url(&self, node: &str, port: u16, target: &str) -> String {
+        format!(
+            "{}://{node}.{}:{port}{target}",
+            self.scheme(),
+            self.registrar_name
+        )
+    }
+
+    /// This node's own name for its registrar, `NODE.registrar_name` (what
+    /// another node's 307 names), when it is a node.
+    pub fn node_registrar_name(&self) -> Option<String> {
+        let node = self.node.as_ref()?;
+        Some(format!("{node}.{}", self.registrar_name))
     }
 
     /// Refuses an account with a label entry this relay cannot serve
@@ -485,6 +498,14 @@ impl Config {
     /// The URL scheme mobile clients are sent to: `https` unless TLS is off.
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
+    }
+}
+
+/// `HOST:PORT`, an IPv6 address in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        _ => format!("{host}:{port}"),
     }
 }
 

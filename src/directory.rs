@@ -113,6 +113,10 @@ struct NodeRecord {
     #[serde(default)]
     seq: u64,
     host: String,
+    /// The node's well-known port, where its registrar answers (absent in a
+    /// record of a node before this field).
+    #[serde(default)]
+    registrar: Option<u16>,
     offers: BTreeMap<String, Offer>,
 }
 
@@ -144,10 +148,22 @@ struct Change {
 #[derive(Default)]
 struct Cache {
     offers: HashMap<String, HashMap<String, Remote>>,
-    /// Node → (host, boot, until): the nodes that beat within `FRESH`.
-    peers: BTreeMap<String, (String, u64, Instant)>,
+    /// The nodes that beat within `FRESH`, by name.
+    peers: BTreeMap<String, Peer>,
     /// Node → the newest (boot, seq) applied from it.
     seen: HashMap<String, (u64, u64)>,
+}
+
+/// Another live node, as its record and messages tell it.
+struct Peer {
+    /// Its `public_host`.
+    host: String,
+    /// Its boot number.
+    boot: u64,
+    /// Its registrar's port, once its record was read.
+    registrar: Option<u16>,
+    /// When it counts as gone unless heard from again.
+    until: Instant,
 }
 
 /// Counters for `/metrics` and `/status`.
@@ -167,6 +183,8 @@ pub struct Directory {
     pub node: String,
     /// This node's `public_host`.
     pub host: String,
+    /// This node's well-known port (its registrar's).
+    registrar: u16,
     /// This start's boot number (`taas:node:{NODE}:boot`).
     pub boot: u64,
     /// Request threads' connection for lookups, paths and pairings.
@@ -321,10 +339,11 @@ impl Bucket<'_> {
 }
 
 impl Directory {
-    /// Joins the directory of the Redis at `url` as `node` with `host`: takes
-    /// a new boot number. Fails when Redis cannot be reached (the relay does
-    /// not start half-joined).
-    pub fn join(url: &str, node: &str, host: &str) -> Result<Directory> {
+    /// Joins the directory of the Redis at `url` as `node` with `host` and its
+    /// registrar at `registrar` (the well-known port): takes a new boot
+    /// number. Fails when Redis cannot be reached (the relay does not start
+    /// half-joined).
+    pub fn join(url: &str, node: &str, host: &str, registrar: u16) -> Result<Directory> {
         let link = RedisLink::parse(url, MAX_LOOKUP_WAITERS)?;
         let boot_key = format!("taas:node:{{{node}}}:boot");
         let (boot, redis_now, local, live_until) = link.with(SECURITY_DEADLINE, |c| {
@@ -355,6 +374,7 @@ impl Directory {
             jobs: Mutex::new(Some(jobs)),
             node: node.to_string(),
             host: host.to_string(),
+            registrar,
             boot,
             link,
             security: RedisLink::parse(url, MAX_WAITERS)?,
@@ -492,6 +512,7 @@ impl Directory {
             boot: self.boot,
             seq,
             host: self.host.clone(),
+            registrar: Some(self.registrar),
             offers: offers.clone(),
         })
         .map_err(|e| Error::Encode(e.to_string()))?;
@@ -648,7 +669,15 @@ impl Directory {
             if !valid_peer(&node, &record.host) {
                 continue;
             }
-            peers.insert(node.clone(), (record.host.clone(), record.boot, until));
+            peers.insert(
+                node.clone(),
+                Peer {
+                    host: record.host.clone(),
+                    boot: record.boot,
+                    registrar: record.registrar,
+                    until,
+                },
+            );
             let known = cache.seen.get(&node).copied().unwrap_or_default();
             if (record.boot, record.seq) < known {
                 // A message was newer: keep what it said.
@@ -743,9 +772,20 @@ impl Directory {
             .seen
             .insert(change.node.clone(), (change.boot, change.seq));
         let until = Instant::now() + TTL;
+        // A message does not say the registrar's port: the record did.
+        let registrar = cache
+            .peers
+            .get(&change.node)
+            .filter(|p| p.boot == change.boot)
+            .and_then(|p| p.registrar);
         cache.peers.insert(
             change.node.clone(),
-            (change.host.clone(), change.boot, until),
+            Peer {
+                host: change.host.clone(),
+                boot: change.boot,
+                registrar,
+                until,
+            },
         );
         if cache.offers.len() >= MAX_CACHED_LABELS && !cache.offers.contains_key(&change.label) {
             return;
@@ -788,7 +828,7 @@ impl Directory {
                             && cache
                                 .peers
                                 .get(&r.node)
-                                .is_some_and(|p| p.2 > now && p.1 <= r.boot)
+                                .is_some_and(|p| p.until > now && p.boot <= r.boot)
                     })
                     .cloned()
                     .collect(),
@@ -863,9 +903,26 @@ impl Directory {
         lock(&self.cache)
             .peers
             .iter()
-            .filter(|(_, p)| p.2 > now)
-            .map(|(n, p)| (n.clone(), p.0.clone()))
+            .filter(|(_, p)| p.until > now)
+            .map(|(n, p)| (n.clone(), p.host.clone()))
             .collect()
+    }
+
+    /// Another live node and its registrar's port, chosen at random among
+    /// those whose record said the port: where a draining node sends a
+    /// registration.
+    pub fn registrar_elsewhere(&self) -> Option<(String, u16)> {
+        let now = Instant::now();
+        let live: Vec<(String, u16)> = lock(&self.cache)
+            .peers
+            .iter()
+            .filter(|(_, p)| p.until > now)
+            .filter_map(|(node, p)| Some((node.clone(), p.registrar?)))
+            .collect();
+        let mut pick = [0u8; 4];
+        random_bytes(&mut pick).ok()?;
+        let i = u32::from_le_bytes(pick) as usize % live.len().max(1);
+        live.into_iter().nth(i)
     }
 
     /// Offers of other nodes known here (live).

@@ -41,7 +41,17 @@ pub fn handle(
             return Err(Error::Redirect(format!("{to}{}", head.target)));
         }
         if shared.stopping() || shared.withdrawn() {
-            return Err(Error::Limit("draining"));
+            // A node sends the hidden server to another live node's registrar.
+            let elsewhere = shared
+                .directory
+                .as_ref()
+                .and_then(|d| d.registrar_elsewhere());
+            return Err(match elsewhere {
+                Some((node, port)) => {
+                    Error::Redirect(shared.config.registrar_url(&node, port, &head.target))
+                }
+                None => Error::Limit("draining"),
+            });
         }
         let name = label::validate(name)?;
         let account = authorize(shared, head, peer, &name)?;

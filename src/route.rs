@@ -1,5 +1,6 @@
 //! Where a request on the well-known port goes, by its `Host` (docs/PROTOCOL.md
-//! section 2): the registrar, or a label under `servers_domain` (or under
+//! section 2): the registrar (also as `NODE.registrar_name`, this node's own
+//! name for it), or a label under `servers_domain` (or under
 //! `NODE.servers_domain`, this node's own name for it).
 //!
 //! Invariants: matching is case-insensitive and ignores a `:port` and a trailing
@@ -33,7 +34,7 @@ pub fn route(host: Option<&str>, config: &Config) -> Result<Route> {
         }
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name == config.registrar_name {
+    if name == config.registrar_name || config.node_registrar_name().is_some_and(|n| n == name) {
         return Ok(Route::Registrar);
     }
     if let Some(label) = name.strip_suffix(&format!(".{}", config.servers_domain)) {
@@ -95,5 +96,11 @@ mod tests {
             Route::Label("cam".into())
         );
         assert!(route(Some("cam.c.taas.localhost"), &c).is_err());
+        // This node's own registrar name; another node's is not here.
+        assert_eq!(
+            route(Some("B.registrar.localhost:8443"), &c).unwrap(),
+            Route::Registrar
+        );
+        assert!(route(Some("c.registrar.localhost"), &c).is_err());
     }
 }

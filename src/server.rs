@@ -83,9 +83,12 @@ impl Server {
         let addr = SocketAddr::new(config.bind_host, config.port);
         let (listener, local_addr) = http::bind("the well-known port", addr)?;
         let directory = match (&config.node, &config.store) {
-            (Some(node), StoreSpec::Redis(url)) => {
-                Some(Arc::new(Directory::join(url, node, &config.public_host)?))
-            }
+            (Some(node), StoreSpec::Redis(url)) => Some(Arc::new(Directory::join(
+                url,
+                node,
+                &config.public_host,
+                local_addr.port(),
+            )?)),
             _ => None,
         };
         let shared = Arc::new(Shared::new(config, store, directory));

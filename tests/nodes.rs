@@ -145,8 +145,10 @@ fn a_killed_node_is_forgotten_and_its_labels_live_on_at_the_others() {
 }
 
 #[test]
-fn a_graceful_stop_withdraws_at_once_and_refuses_registrations_while_it_drains() {
-    let mut c = Cluster::start(&["a", "b"], "pair_wait = 3");
+fn a_graceful_stop_withdraws_at_once_and_sends_registrations_to_another_node_while_it_drains() {
+    // Drains for pair_wait (5 s): the window the checks below run in.
+    let drain = "pair_wait = 5\nshutdown_grace = 10";
+    let mut c = Cluster::start(&["a", "b"], drain);
     let _r = c.responder("a");
     assert!(wait_until(one_beat(), || c
         .node("b")
@@ -160,6 +162,55 @@ fn a_graceful_stop_withdraws_at_once_and_refuses_registrations_while_it_drains()
         .counter("directory_size")
         == 0));
     assert_eq!(c.get("b", "/").status, 503);
+    assert!(wait_until(one_beat(), || {
+        c.node("a")
+            .status_get("/ready")
+            .is_some_and(|(s, _)| s == 503)
+    }));
+    // A registration at a is sent to b's registrar, by b's own name for it
+    // (the one registrar certificate names `*.registrar_name`).
+    let r = c.register("a", &c.token(), None);
+    assert_eq!(r.status, 307, "{r:?}");
+    let b = c.node("b");
+    let to_b = format!("https://b.registrar.localhost:{}/register/{LABEL}", b.port);
+    assert_eq!(r.header("location"), Some(to_b.as_str()));
+    // curl as the hidden server follows it (PUT kept, Authorization sent on
+    // to the new host), checking b's certificate by that name.
+    let (a_addr, ca) = (c.node("a").addr(), c.dir.path().join("ca.crt"));
+    let (ok, out, err) = support::curl(&[
+        "-sS",
+        "-L",
+        "--location-trusted",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--connect-to",
+        &format!("registrar.localhost::{}:", a_addr.ip()),
+        "--connect-to",
+        &format!("b.registrar.localhost::{}:", b.ip),
+        "-X",
+        "PUT",
+        "-H",
+        &format!(
+            "Authorization: TOTP username=\"{}\", response=\"{}\"",
+            c.prov.id(),
+            c.token()
+        ),
+        "-w",
+        "\n%{http_code} %{url_effective}",
+        &format!(
+            "https://registrar.localhost:{}/register/{LABEL}",
+            a_addr.port()
+        ),
+    ]);
+    assert!(ok, "curl: {err}");
+    let (plug, last) = out.rsplit_once('\n').unwrap();
+    assert_eq!(last, format!("200 {to_b}"));
+    let plug: std::net::SocketAddr = plug.parse().unwrap();
+    assert_eq!(plug.ip(), b.ip, "the plug is b's");
+    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
+    // With no other node live, a draining node answers 503.
+    let mut c = Cluster::start(&["a"], drain);
+    c.node("a").signal("TERM");
     assert!(wait_until(one_beat(), || {
         c.node("a")
             .status_get("/ready")

@@ -519,6 +519,12 @@ fn try_start_node(
     let config = dir.join(format!("{name}.toml"));
     let log = dir.join(format!("{name}.log"));
     let stderr_path = dir.join(format!("{name}.stderr"));
+    // One second unless the test sets its own.
+    let grace = if extra.contains("shutdown_grace") {
+        ""
+    } else {
+        "shutdown_grace = 1\n"
+    };
     std::fs::write(
         &config,
         format!(
@@ -527,7 +533,7 @@ fn try_start_node(
              cert = \"{d}/registrar.crt\"\nkey = \"{d}/registrar.key\"\n\
              ca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n\
              status_listen = \"{status}\"\nport_range = \"{range_start}-{}\"\n\
-             log_file = \"{}\"\nshutdown_grace = 1\n{extra}\n",
+             log_file = \"{}\"\n{grace}{extra}\n",
             proxy.addr,
             range_start + 499,
             log.display(),
