@@ -12,10 +12,11 @@
 //! Each slot is one thread that loops: register (docs/PROTOCOL.md
 //! section 1), connect to the plug, wait for the mobile client's first octet.
 //! Then that thread connects to the local service and pipes the connection
-//! itself, and a new thread takes the slot over and registers again as soon as
-//! the service's first answer is on its way back (at most `REFILL_DELAY` on):
-//! the mobile's first octets wait for no thread start and share the CPU with no
-//! TLS handshake (with `--eager` or `--tls`, a pipe thread takes the
+//! itself, and a new thread takes the slot over and registers again
+//! `REFILL_PAUSE` after the service's first answer is on its way back (at most
+//! `REFILL_DELAY` on): the mobile's first octets, and that answer on its way
+//! through the relay, wait for no thread start and share the CPU with no TLS
+//! handshake (with `--eager` or `--tls`, a pipe thread takes the
 //! connection and the slot registers again at once). So a burst of mobile
 //! connections is met by all slots re-registering at once, not one after another.
 //!
@@ -75,6 +76,9 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// back, so that the registration's TLS handshake (CPU on both sides) does not
 /// compete with it (`make bench`: connect → first byte, via taas expose).
 pub const REFILL_DELAY: Duration = Duration::from_millis(20);
+/// And then this long, so that the answer's way on through the relay (and the
+/// mobile's next octets) meet no thread start or handshake either.
+pub const REFILL_PAUSE: Duration = Duration::from_millis(2);
 /// A waiting connection the relay closes sooner than this counts as a failure
 /// (backed off), so an agent whose pool exceeds the relay's `max_waiting` does
 /// not re-register in a loop.
@@ -703,6 +707,7 @@ fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
     let hand_over = relay::Hook {
         toward: relay::Toward::Mobile,
         by: Instant::now() + REFILL_DELAY,
+        after: REFILL_PAUSE,
         call: || {
             let next = s.clone();
             match spawn("slot", AGENT_STACK, move || slot(&next)) {

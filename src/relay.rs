@@ -97,6 +97,7 @@ pub fn run_until_idle(
     let none = Hook {
         toward: Toward::Mobile,
         by: Instant::now(),
+        after: Duration::ZERO,
         call: || Ok(()),
     };
     run_with(mobile, hidden, copier, idle, Ready::default(), none)
@@ -122,14 +123,16 @@ pub enum Toward {
 }
 
 /// Work to do once, early in a pair's life, without holding up its first
-/// octets: `call` runs after the first turn that writes octets `toward` a
-/// side, or after the first turn once `by` has passed, or at the end. An
-/// error from it closes the pair and is returned.
+/// octets: `call` runs `after` the first turn that writes octets `toward` a
+/// side (or once `by` has passed), at the first turn from then on, or at the
+/// end. An error from it closes the pair and is returned.
 pub struct Hook<F: FnOnce() -> io::Result<()>> {
     /// Whose first octets to wait for.
     pub toward: Toward,
-    /// The latest time to call it (the turn after).
+    /// The latest time to take them as seen.
     pub by: Instant,
+    /// How long to wait once they are seen.
+    pub after: Duration,
     /// The work.
     pub call: F,
 }
@@ -147,8 +150,15 @@ pub fn run_with(
     ready: Ready,
     hook: Hook<impl FnOnce() -> io::Result<()>>,
 ) -> (Moved, Option<io::Error>) {
-    let Hook { toward, by, call } = hook;
+    let Hook {
+        toward,
+        by,
+        after,
+        call,
+    } = hook;
     let mut hook = Some(call);
+    // When the hook is due, once its octets were seen.
+    let mut due: Option<Instant> = None;
     let (mobile, hidden) = (&*mobile, &*hidden);
     let mut up = Way::new(copier);
     let mut down = Way::new(copier);
@@ -169,12 +179,16 @@ pub fn run_with(
             Toward::Hidden => up.count,
             Toward::Mobile => down.count,
         };
-        if error.is_none()
-            && hook.is_some()
-            && (written > 0 || Instant::now() >= by)
-            && let Some(call) = hook.take()
-        {
-            error = call().err();
+        if error.is_none() && hook.is_some() {
+            let now = Instant::now();
+            if due.is_none() && (written > 0 || now >= by) {
+                due = Some(now + after);
+            }
+            if due.is_some_and(|at| now >= at)
+                && let Some(call) = hook.take()
+            {
+                error = call().err();
+            }
         }
         // Octets read count as moving as soon as they are held.
         let now_moved = up.count + down.count + (up.pending + down.pending) as u64;
@@ -183,7 +197,7 @@ pub fn run_with(
             idle_until = idle.map(|d| Instant::now() + d);
         }
         if error.is_none() {
-            let wake_at = hook.as_ref().map(|_| by);
+            let wake_at = hook.as_ref().map(|_| due.unwrap_or(by));
             error = wait(mobile, hidden, &mut up, &mut down, idle_until, wake_at).err();
         }
     }
@@ -271,10 +285,14 @@ fn wait(
             .unwrap_or(PollTimeout::MAX),
         None => PollTimeout::NONE,
     };
+    let polled = Instant::now();
     match poll(fds, timeout) {
         Ok(0) => {
-            up.release();
-            down.release();
+            // Quiet for PIPE_IDLE, not only woken for the hook: pipes go back.
+            if idle.is_some_and(|d| polled.elapsed() >= d) {
+                up.release();
+                down.release();
+            }
             Ok(())
         }
         Ok(_) => {
@@ -686,17 +704,18 @@ mod tests {
     }
 
     /// `run_with`: a hook waits for the first octets toward its side (or its
-    /// time), runs once, and an error from it closes the pair.
+    /// time), and its `after`, runs once, and an error from it closes the pair.
     #[test]
     fn a_hook_runs_once_after_the_first_answer_or_its_time() {
         use std::sync::mpsc;
-        let hooked = |copier: Copier, toward: Toward, by: Duration, ready: Ready| {
+        let hooked = |copier: Copier, toward: Toward, by: Duration, after: Duration| {
             let (mobile, mobile_relay) = connected();
             let (hidden_relay, hidden) = connected();
             let (tx, rx) = mpsc::channel();
             let hook = Hook {
                 toward,
                 by: Instant::now() + by,
+                after,
                 call: move || {
                     tx.send(Instant::now()).unwrap();
                     Ok(())
@@ -708,7 +727,7 @@ mod tests {
                     Arc::new(hidden_relay),
                     copier,
                     None,
-                    ready,
+                    Ready::default(),
                     hook,
                 )
             });
@@ -719,7 +738,7 @@ mod tests {
                 copier,
                 Toward::Mobile,
                 Duration::from_secs(60),
-                Ready::default(),
+                Duration::ZERO,
             );
             mobile.write_all(b"ask").unwrap();
             let mut got = [0u8; 3];
@@ -745,13 +764,29 @@ mod tests {
             let start = Instant::now();
             let by = Duration::from_millis(100);
             let (mut mobile, mut hidden, rx, t) =
-                hooked(copier, Toward::Mobile, by, Ready::default());
+                hooked(copier, Toward::Mobile, by, Duration::ZERO);
             mobile.write_all(b"ask").unwrap();
             hidden.read_exact(&mut got).unwrap();
             let at = rx
                 .recv_timeout(Duration::from_secs(10))
                 .expect("at its time");
             assert!(at - start >= by, "{copier:?}");
+            drop((mobile, hidden));
+            let _ = t.join().unwrap();
+
+            // With `after`: that long past the answer, the answer not held.
+            let after = Duration::from_millis(100);
+            let (mut mobile, mut hidden, rx, t) =
+                hooked(copier, Toward::Mobile, Duration::from_secs(60), after);
+            mobile.write_all(b"ask").unwrap();
+            hidden.read_exact(&mut got).unwrap();
+            let answered = Instant::now();
+            hidden.write_all(b"answer").unwrap();
+            mobile.read_exact(&mut back).unwrap();
+            let at = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("after the answer and its pause");
+            assert!(at - answered >= after, "{copier:?}: {:?}", at - answered);
             drop((mobile, hidden));
             let _ = t.join().unwrap();
         }
@@ -766,6 +801,7 @@ mod tests {
             let hook = Hook {
                 toward: Toward::Hidden,
                 by: Instant::now(),
+                after: Duration::ZERO,
                 call: || Err(io::Error::other("no thread")),
             };
             let ready = Ready {

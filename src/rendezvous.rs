@@ -415,6 +415,7 @@ fn pair(
     let next_thread = relay::Hook {
         toward: relay::Toward::Hidden,
         by: started,
+        after: Duration::ZERO,
         call: go_on,
     };
     let (moved, err) = relay::run_with(
