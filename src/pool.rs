@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 use serde::Serialize;
 
-use crate::sys::{PeerState, lock, peer_state, wake};
+use crate::sys::{PeerState, lock, peer_states, wake};
 
 /// Pairing records kept per label (docs/PROTOCOL.md section 3).
 pub const MAX_PAIRINGS: usize = 100;
@@ -45,6 +45,12 @@ impl Responder {
     pub fn is_alive(&self) -> bool {
         crate::sys::is_alive(&self.stream)
     }
+}
+
+/// The state of each of `responders`, in one poll for all.
+fn states_of(responders: &[Responder]) -> Vec<PeerState> {
+    let streams: Vec<&TcpStream> = responders.iter().map(|r| &r.stream).collect();
+    peer_states(&streams)
 }
 
 /// A label's open rendezvous port, as the label keeps it (`rendezvous` opens it
@@ -283,10 +289,12 @@ impl Label {
     pub fn take_speaking(&self) -> Option<Responder> {
         let _guard = lock(&self.push_lock);
         let mut found = None;
-        let rest: Vec<Responder> = self
-            .rx
-            .try_iter()
-            .filter_map(|r| match peer_state(&r.stream, Duration::ZERO) {
+        let all: Vec<Responder> = self.rx.try_iter().collect();
+        let states = states_of(&all);
+        let rest: Vec<Responder> = all
+            .into_iter()
+            .zip(states)
+            .filter_map(|(r, state)| match state {
                 PeerState::Gone => None,
                 PeerState::Speaking if found.is_none() => {
                     found = Some(r);
@@ -312,7 +320,13 @@ impl Label {
     pub fn prune(&self) -> usize {
         let _guard = lock(&self.push_lock);
         let before = self.rx.len();
-        let live: Vec<Responder> = self.rx.try_iter().filter(Responder::is_alive).collect();
+        let all: Vec<Responder> = self.rx.try_iter().collect();
+        let states = states_of(&all);
+        let live: Vec<Responder> = all
+            .into_iter()
+            .zip(states)
+            .filter_map(|(r, state)| (state != PeerState::Gone).then_some(r))
+            .collect();
         let n = live.len();
         if n == 0 && before > 0 {
             self.edge();

@@ -155,6 +155,32 @@ pub fn peer_state(stream: &TcpStream, wait: Duration) -> PeerState {
     }
 }
 
+/// `peer_state(s, Duration::ZERO)` of each of `streams`, in one `poll(2)` for
+/// all: a socket with nothing to read is Quiet without a call of its own, and
+/// only one that polls readable (octets or EOF), hung up or in error is peeked.
+/// (A label's waiting responders, up to `max_waiting`, on each mobile's way.)
+pub fn peer_states(streams: &[&TcpStream]) -> Vec<PeerState> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds: Vec<PollFd> = streams
+        .iter()
+        .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let polled = loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.is_ok(),
+        }
+    };
+    fds.iter()
+        .zip(streams)
+        .map(|(fd, s)| match fd.revents() {
+            Some(r) if polled && r.is_empty() => PeerState::Quiet,
+            _ => peek_now(s),
+        })
+        .collect()
+}
+
 /// Is the peer of `stream` still there? Nothing is consumed, nothing waited for.
 pub fn is_alive(stream: &TcpStream) -> bool {
     peer_state(stream, Duration::ZERO) != PeerState::Gone
@@ -346,5 +372,48 @@ pub fn raise_fd_limit() {
         },
         Ok((soft, _)) => log::info!("open files limit {soft}"),
         Err(e) => log::warn!("open files limit unknown: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    fn connected() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (far, _) = l.accept().unwrap();
+        (near, far)
+    }
+
+    #[test]
+    fn peer_states_tell_quiet_speaking_and_gone_apart_and_consume_nothing() {
+        let (quiet, _quiet_far) = connected();
+        let (speaking, mut speaking_far) = connected();
+        let (gone, gone_far) = connected();
+        speaking_far.write_all(b"hi").unwrap();
+        drop(gone_far);
+        // Both arrived (bounded waits), as one peek each says.
+        assert_eq!(
+            peer_state(&speaking, Duration::from_secs(5)),
+            PeerState::Speaking
+        );
+        assert_eq!(peer_state(&gone, Duration::from_secs(5)), PeerState::Gone);
+        let states = peer_states(&[&quiet, &speaking, &gone, &speaking]);
+        assert_eq!(
+            states,
+            [
+                PeerState::Quiet,
+                PeerState::Speaking,
+                PeerState::Gone,
+                PeerState::Speaking
+            ]
+        );
+        let mut got = [0u8; 2];
+        (&speaking).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi", "nothing consumed");
+        assert!(peer_states(&[]).is_empty());
     }
 }
