@@ -46,6 +46,8 @@ const MAX_PAIRS: usize = 10_000;
 const SETUP_ROUNDS: usize = 300;
 /// Quiet between two of those connections, as between a user's clicks.
 const SETUP_GAP: Duration = Duration::from_millis(5);
+/// Responders each `taas expose` of the bench keeps waiting (`--pool`).
+const AGENT_POOL: u64 = 8;
 /// Mobile flows timed with curl.
 const CURL_FLOWS: usize = 200;
 /// Registrations per block; blocks alternate resumed and full handshakes.
@@ -644,6 +646,8 @@ struct Relay {
     relay_ca: String,
     q: SocketAddr,
     provision: PathBuf,
+    /// The relay's status listener (`/status`).
+    status_at: SocketAddr,
 }
 
 impl Relay {
@@ -651,6 +655,7 @@ impl Relay {
         let dir = tempfile::tempdir()?;
         let d = dir.path().display();
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let status_at = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = dir.path().join("taas.toml");
         std::fs::write(
             &config,
@@ -658,7 +663,7 @@ impl Relay {
                 "port = {port}\nstore = \"file:{d}/accounts.json\"\ncert = \"{d}/r.crt\"\nkey = \"{d}/r.key\"\n\
                  ca_cert = \"{d}/ca.crt\"\nca_key = \"{d}/ca.key\"\n\
                  max_waiting = 20000\nmax_pairs = 20000\nmax_pairs_per_ip = 20000\nfirst_octet_timeout = 600\nmax_connections = 4096\nmax_connections_per_ip = 4096\n\
-                 pair_wait = 10\nsplice = {splice}\n"
+                 pair_wait = 10\nsplice = {splice}\nstatus_listen = \"{status_at}\"\n"
             ),
         )?;
         let c = config.to_str().ok_or("path")?;
@@ -709,6 +714,7 @@ impl Relay {
             relay_ca: std::fs::read_to_string(dir.path().join("ca.crt"))?,
             q: addr,
             provision,
+            status_at,
             dir,
         };
         let h = relay.responder()?;
@@ -731,6 +737,34 @@ impl Relay {
 
     /// `rendezvous`, polled every 5 ms until LABEL has a responder (a 307),
     /// within `wait`: the last answer's error after that.
+    /// Waits (at most 10 s) until `n` responders of `label` wait at the relay,
+    /// as its `/status` says: an agent's pool filled.
+    fn wait_for_pool(&self, label: &str, n: u64) -> Res<()> {
+        let waiting = || -> Option<u64> {
+            let mut s = TcpStream::connect_timeout(&self.status_at, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let body: serde_json::Value =
+                serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()?;
+            body["labels"]
+                .as_array()?
+                .iter()
+                .find(|l| l["label"] == label)?["waiting"]
+                .as_u64()
+        };
+        let t = Instant::now();
+        while waiting().unwrap_or(0) < n {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{label}: {n} responders not waiting within 10 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     fn rendezvous_within(&self, label: &str, wait: Duration) -> Res<SocketAddr> {
         let t = Instant::now();
         loop {
@@ -829,7 +863,7 @@ impl Relay {
             }
         });
         let mut agent = self.expose(bin, "agent", svc_addr)?;
-        std::thread::sleep(Duration::from_secs(1));
+        self.wait_for_pool("agent", AGENT_POOL)?;
         let me = Arc::new(self.rendezvous_client());
         let end = Instant::now() + Duration::from_secs(5);
         let handles: Vec<_> = (0..4)
@@ -873,7 +907,7 @@ impl Relay {
                 "--to",
                 &to.to_string(),
                 "--pool",
-                "8",
+                &AGENT_POOL.to_string(),
             ])
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
@@ -893,7 +927,7 @@ impl Relay {
             for _ in 0..4 {
                 echo(self.responder()?);
             }
-            std::thread::sleep(Duration::from_secs(1));
+            self.wait_for_pool("agent", AGENT_POOL)?;
             let q_agent = self.rendezvous("agent")?;
             let to = [svc_addr, self.q, q_agent];
             let mut took: [Vec<f64>; 3] = Default::default();
@@ -951,7 +985,7 @@ impl Relay {
             Ok((f[1].parse()?, f[2].parse()?))
         };
         let measured = (|| {
-            std::thread::sleep(Duration::from_secs(1));
+            self.wait_for_pool("web", AGENT_POOL)?;
             let via_relay = format!("https://web.taas.localhost:{}/", self.addr.port());
             let direct = format!("https://web.taas.localhost:{}/", svc_addr.port());
             let (mut total, mut redirect, mut alone) = (vec![], vec![], vec![]);
