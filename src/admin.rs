@@ -72,6 +72,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::http::{self, DeadlineStream, Head, Response, Serving, WRITE_TIMEOUT};
 use crate::label;
+use crate::logging::{escape, loggable_target};
 use crate::provision::Provision;
 use crate::store::{Account, Store};
 use crate::sys::{CONN_STACK, random_bytes};
@@ -263,10 +264,10 @@ fn serve(state: &State, tcp: TcpStream, peer: SocketAddr) {
             let response = answer(state, &req).unwrap_or_else(|f| error_response(&f));
             let line = format!(
                 "admin {} {} from {peer}: {} {}",
-                req.head.method,
-                req.head.path(),
+                escape(&req.head.method),
+                loggable_target(req.head.path()),
                 response.status,
-                response.note
+                escape(&response.note)
             );
             if response.status < 400 {
                 log::info!("{line}");

@@ -251,7 +251,8 @@ impl Registrar {
             status,
             retry_after: header("retry-after").and_then(|v| v.parse().ok()),
             location: header("location"),
-            body: body.lines().next().unwrap_or("").to_string(),
+            // The relay's text, for the log: escaped.
+            body: crate::logging::escape(body.lines().next().unwrap_or("")),
         })
     }
 }
@@ -726,7 +727,9 @@ fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
         Arc::new(relayed),
         Arc::new(local),
         relay::Copier::Splice,
-        None,
+        // As TLS pipes: closed after an hour without an octet either way,
+        // whatever the relay's own `idle_timeout`.
+        Some(terminate::IDLE_TIMEOUT),
         ready,
         hand_over,
     );

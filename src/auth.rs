@@ -180,12 +180,13 @@ impl Guard {
         let id = &creds.username;
         // The source's own budget always; then the ID's, or, for a source the
         // ID trusts, that source's budget for the ID.
-        let keys = if self.trusts(src, id)? {
+        let trusted = self.trusts(src, id)?;
+        let keys = if trusted {
             [Key::Addr(src), Key::Trusted(src, id.clone())]
         } else {
             [Key::Addr(src), Key::Id(id.clone())]
         };
-        self.begin(&keys)?;
+        self.begin(&keys, trusted)?;
         let Some(account) = store.get(id)? else {
             // No entry for an ID that does not exist: the source pays alone.
             self.settle(&keys, 1);
@@ -259,18 +260,22 @@ impl Guard {
     }
 
     /// Lets an attempt go on, or refuses it (`Throttled`) when a key's budget
-    /// is spent. Alone, it looks (`local_check`). Shared by nodes, it takes
-    /// one failure from every key at once, in one script per key, before the
-    /// token is looked at, so a burst or a Redis failure later on cannot
-    /// let a guess through unpaid (`settle` gives back what was not owed); an
-    /// error when Redis cannot say (fail closed).
-    fn begin(&self, keys: &[Key]) -> Result<()> {
+    /// is spent. Alone, it looks (`local_check`; `trusted`: the source the ID
+    /// trusts is let through a full table). Shared by nodes, it takes one
+    /// failure from every key at once, in one script per key, before the token
+    /// is looked at, so a burst or a Redis failure later on cannot let a guess
+    /// through unpaid (`settle` gives back what was not owed; a refused
+    /// attempt owes nothing, and gets back what it was charged); an error when
+    /// Redis cannot say (fail closed).
+    fn begin(&self, keys: &[Key], trusted: bool) -> Result<()> {
         let Some(dir) = &self.shared else {
-            return self.local_check(keys);
+            return self.local_check(keys, trusted);
         };
-        for key in keys {
+        for (i, key) in keys.iter().enumerate() {
             let wait = dir.bucket_take(&key.bucket(), self.budget as u32, self.refill)?;
             if wait > 0 {
+                // This key was not charged; the ones before it were.
+                self.settle(&keys[..i], 0);
                 return Err(Error::Throttled(Duration::from_millis(wait)));
             }
         }
@@ -336,8 +341,10 @@ impl Guard {
     }
 
     /// `Throttled` when any key's budget is spent, or when a key is not
-    /// tracked and the table is full (fail closed).
-    fn local_check(&self, keys: &[Key]) -> Result<()> {
+    /// tracked and the table is full (fail closed), unless the source is one
+    /// the ID trusts (`trusted`): strangers filling the table must not lock
+    /// the owner out.
+    fn local_check(&self, keys: &[Key], trusted: bool) -> Result<()> {
         let mut buckets = lock(&self.buckets);
         let now = Instant::now();
         let full = buckets.map.len() >= MAX_TRACKED;
@@ -347,7 +354,7 @@ impl Guard {
                 if b.left < 1.0 {
                     return Err(Error::Throttled(self.refill.mul_f64(1.0 - b.left)));
                 }
-            } else if full {
+            } else if full && !trusted {
                 self.prune(&mut buckets, now, MAX_TRACKED);
                 if buckets.map.len() >= MAX_TRACKED {
                     // Once per spell of fullness: a flood must not flood the log.
@@ -498,17 +505,17 @@ mod tests {
         let g = Guard::new(3, Duration::from_millis(200), None);
         let keys = [Key::Addr("10.0.0.1".parse().unwrap())];
         for _ in 0..3 {
-            assert!(g.local_check(&keys).is_ok());
+            assert!(g.local_check(&keys, false).is_ok());
             g.local_fail(&keys);
         }
-        match g.local_check(&keys) {
+        match g.local_check(&keys, false) {
             Err(e @ Error::Throttled(_)) => assert_eq!(e.retry_after(), Some(1)),
             _ => panic!("expected Throttled"),
         }
         std::thread::sleep(Duration::from_millis(250));
-        assert!(g.local_check(&keys).is_ok(), "one failure refilled");
+        assert!(g.local_check(&keys, false).is_ok(), "one failure refilled");
         g.local_fail(&keys);
-        assert!(g.local_check(&keys).is_err());
+        assert!(g.local_check(&keys, false).is_err());
     }
 
     #[test]
@@ -525,16 +532,19 @@ mod tests {
         }
         let another = IpAddr::from([10, 1, 0, 9]);
         assert!(
-            g.local_check(&[Key::Addr(another), Key::Id(id.clone())])
+            g.local_check(&[Key::Addr(another), Key::Id(id.clone())], false)
                 .is_err()
         );
         // …but the owner's own budget is untouched.
-        assert!(g.local_check(&[Key::Trusted(owner, id.clone())]).is_ok());
+        assert!(
+            g.local_check(&[Key::Trusted(owner, id.clone())], true)
+                .is_ok()
+        );
         for _ in 0..3 {
             g.local_fail(&[Key::Trusted(owner, id.clone())]);
         }
         assert!(
-            g.local_check(&[Key::Trusted(owner, id)]).is_err(),
+            g.local_check(&[Key::Trusted(owner, id)], false).is_err(),
             "its own budget"
         );
     }
@@ -552,24 +562,37 @@ mod tests {
         let slow = Guard::new(2, Duration::from_secs(3600), None);
         fill(&slow);
         assert!(matches!(
-            slow.local_check(&newcomer),
+            slow.local_check(&newcomer, false),
             Err(Error::Throttled(_))
         ));
         let tracked = [Key::Addr(IpAddr::from(7u32.to_be_bytes()))];
         assert!(
-            slow.local_check(&tracked).is_ok(),
+            slow.local_check(&tracked, false).is_ok(),
             "one failure of two spent"
         );
         slow.local_fail(&tracked);
-        assert!(slow.local_check(&tracked).is_err());
+        assert!(slow.local_check(&tracked, false).is_err());
+        // The source an ID trusts is not locked out by strangers' keys; its
+        // own tracked bucket still holds it back.
+        let owner: IpAddr = "198.51.100.7".parse().unwrap();
+        let own = [Key::Addr(owner), Key::Trusted(owner, "id".into())];
+        assert!(
+            slow.local_check(&own, false).is_err(),
+            "a stranger is refused"
+        );
+        assert!(
+            slow.local_check(&own, true).is_ok(),
+            "the trusted source is not"
+        );
+        assert!(slow.local_check(&tracked, true).is_err());
         // Buckets that refilled are forgotten, and the newcomer is tracked again.
         let quick = Guard::new(1, Duration::from_millis(1), None);
         fill(&quick);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while quick.local_check(&newcomer).is_err() && Instant::now() < deadline {
+        while quick.local_check(&newcomer, false).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(quick.local_check(&newcomer).is_ok());
+        assert!(quick.local_check(&newcomer, false).is_ok());
         assert!(lock(&quick.buckets).map.len() < MAX_TRACKED);
         quick.local_fail(&newcomer);
         assert!(lock(&quick.buckets).map.contains_key(&newcomer[0]));

@@ -40,6 +40,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::limits::source;
 use crate::redis_link::RedisLink;
 use crate::sys::{lock, now_millis, random_bytes};
 
@@ -474,8 +475,11 @@ impl Directory {
         format!("taas:{{{label}}}:nodes")
     }
 
+    /// The key of the paths 307s gave `mobile` for `label`: by its address's
+    /// source (`limits::source`: an IPv6 address by its /64, as every other
+    /// per-address table counts it), so one /64 cannot make keys without end.
     fn path_key(label: &str, mobile: IpAddr) -> String {
-        format!("taas:{{{label}}}:path:{mobile}")
+        format!("taas:{{{label}}}:path:{}", source(mobile))
     }
 
     fn pairings_key(label: &str) -> String {

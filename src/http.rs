@@ -363,7 +363,14 @@ impl Response {
         if let Some(secs) = e.retry_after() {
             r.headers.push(("Retry-After", secs.to_string()));
         }
-        r.note = e.to_string();
+        r.note = match e {
+            // The request target is in it: its query is never logged.
+            Error::Redirect(to) => match to.split_once('?') {
+                Some((url, _)) => format!("redirected to {url}?…"),
+                None => format!("redirected to {to}"),
+            },
+            _ => e.to_string(),
+        };
         r
     }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sys::{PeerState, lock, peer_states, wake};
 
@@ -30,6 +30,19 @@ pub const MAX_PAIRINGS: usize = 100;
 pub const MAX_REDIRECTS: usize = 64;
 /// How long a 307's path is remembered for its connection to arrive.
 pub const REDIRECT_MEMORY: Duration = Duration::from_secs(30);
+/// Longest path (with query) a 307 is remembered with for its pairing's
+/// record, here and in a node's shared directory; a longer one is cut at a
+/// character boundary (the 307 itself keeps the whole).
+pub const MAX_KEPT_PATH: usize = 1024;
+
+/// `path` as a pairing's record keeps it: at most `MAX_KEPT_PATH` octets.
+pub fn kept_path(path: &str) -> &str {
+    let mut end = path.len().min(MAX_KEPT_PATH);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
 
 /// A hidden server's connection, waiting in a pool.
 pub struct Responder {
@@ -99,8 +112,8 @@ impl OpenPort {
     }
 }
 
-/// One pairing, as `GET /pairings/LABEL` returns it.
-#[derive(Clone, Debug, Serialize)]
+/// One pairing, as `GET /pairings/LABEL` returns it (fields in this order).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pairing {
     /// "IP PORT" of the hidden server side.
     pub responder: String,
@@ -358,7 +371,7 @@ impl Label {
         if q.len() >= MAX_REDIRECTS {
             q.pop_front();
         }
-        q.push_back((mobile, path.to_string(), Instant::now()));
+        q.push_back((mobile, kept_path(path).to_string(), Instant::now()));
     }
 
     /// The path of the oldest recent 307 given to `mobile`, or "" (a direct
@@ -461,6 +474,15 @@ pub fn ip_port(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_path_is_cut_at_a_character_boundary() {
+        assert_eq!(kept_path("/a?b"), "/a?b");
+        let long = format!("/{}", "é".repeat(MAX_KEPT_PATH));
+        let kept = kept_path(&long);
+        assert!(kept.len() <= MAX_KEPT_PATH && kept.len() >= MAX_KEPT_PATH - 1);
+        assert!(long.starts_with(kept));
+    }
     use std::net::TcpListener;
 
     fn pair(l: &TcpListener) -> (TcpStream, Responder) {

@@ -17,7 +17,7 @@ use crate::http::{Head, Response};
 use crate::label;
 use crate::metrics::Registration;
 use crate::plug;
-use crate::pool::Label;
+use crate::pool::{Label, Pairing};
 use crate::state::Shared;
 use crate::store::Account;
 
@@ -97,21 +97,19 @@ pub fn handle(
 
 /// The label's last pairings, oldest first: of every node when this relay is
 /// one of several (this node's own when Redis cannot say).
-fn pairings(shared: &Shared, name: &str) -> Vec<serde_json::Value> {
+fn pairings(shared: &Shared, name: &str) -> Vec<Pairing> {
     let here = || {
         shared
             .labels
             .get(name)
             .map(|l| l.pairings())
             .unwrap_or_default()
-            .iter()
-            .filter_map(|p| serde_json::to_value(p).ok())
-            .collect()
     };
     let Some(dir) = &shared.directory else {
         return here();
     };
     match dir.pairings(name) {
+        // In the contract's order of fields (a `Pairing`, not a JSON map).
         Ok(list) => list
             .iter()
             .filter_map(|text| serde_json::from_str(text).ok())

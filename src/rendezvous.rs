@@ -16,6 +16,7 @@
 //! closed at once; a mobile connection takes a responder only once it has
 //! something to relay.
 
+use std::borrow::Cow;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,11 +43,7 @@ pub fn redirect(
     head: &Head,
     peer: SocketAddr,
 ) -> Result<Response> {
-    let target = if head.target.starts_with('/') {
-        head.target.as_str()
-    } else {
-        "/"
-    };
+    let target = &*origin_form(&head.target);
     let label = shared.labels.get(&name);
     let waiting_here = label.as_ref().map_or(0, |l| l.prune());
     // Local responders always win; else another node's, when it has some.
@@ -70,6 +67,29 @@ pub fn redirect(
     Ok(r)
 }
 
+/// The path and query of a request target (RFC 9112 section 3.2): itself in
+/// origin form; what follows the authority in absolute form
+/// (`http://host/p?q`, `http://host?q` as `/?q`); else (`*`, authority form,
+/// no path) `/`.
+fn origin_form(target: &str) -> Cow<'_, str> {
+    if target.starts_with('/') {
+        return Cow::Borrowed(target);
+    }
+    let after_scheme = ["http://", "https://"].iter().find_map(|scheme| {
+        let head = target.get(..scheme.len())?;
+        head.eq_ignore_ascii_case(scheme)
+            .then(|| &target[scheme.len()..])
+    });
+    let Some(rest) = after_scheme else {
+        return Cow::Borrowed("/");
+    };
+    match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => Cow::Borrowed(&rest[i..]),
+        Some(i) => Cow::Owned(format!("/{}", &rest[i..])),
+        None => Cow::Borrowed("/"),
+    }
+}
+
 /// A cross-node 307 for `name` to another node with responders waiting
 /// (docs/PROTOCOL.md section 7), when this relay is a node and may give one:
 /// the path is stored for that node first, so its pairing keeps it.
@@ -79,7 +99,7 @@ fn elsewhere(shared: &Shared, name: &str, target: &str, peer: SocketAddr) -> Opt
         return None;
     }
     let remote = dir.pick(name)?;
-    if let Err(e) = dir.remember_path(name, peer.ip(), target) {
+    if let Err(e) = dir.remember_path(name, peer.ip(), pool::kept_path(target)) {
         // The pairing there will show an empty path; the mobile still gets in.
         log::warn!(
             "{name}: path of {peer}'s 307 to node {} not stored: {e}",
@@ -441,4 +461,25 @@ fn pair(
         moved.down,
         started.elapsed().as_secs_f64()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_307_keeps_the_path_and_query_of_any_request_target_form() {
+        for (target, want) in [
+            ("/a/b?x=1", "/a/b?x=1"),
+            ("http://cam.taas.localhost/abs?y=1", "/abs?y=1"),
+            ("HTTPS://cam.taas.localhost:8443/p", "/p"),
+            ("http://cam.taas.localhost?q=1", "/?q=1"),
+            ("http://cam.taas.localhost", "/"),
+            ("*", "/"),
+            ("cam.taas.localhost:443", "/"),
+            ("ftp://x/y", "/"),
+        ] {
+            assert_eq!(origin_form(target), want, "{target}");
+        }
+    }
 }

@@ -353,7 +353,7 @@ fn serve(shared: &Arc<Shared>, io: &mut Conn, peer: SocketAddr) -> Result<()> {
             let r = Response::from_error(&e);
             shared.metrics.request(r.status);
             let _ = r.write_to(io);
-            log::info!("{peer}: {} {}", r.status, r.note);
+            log::info!("{peer}: {} {}", r.status, escape(&r.note));
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -368,7 +368,7 @@ fn serve(shared: &Arc<Shared>, io: &mut Conn, peer: SocketAddr) -> Result<()> {
         loggable_target(&head.target),
         id_of(&head),
         response.status,
-        response.note
+        escape(&response.note)
     );
     if response.status < 400 {
         log::info!("{line}");
