@@ -257,13 +257,19 @@ impl Registrar {
     }
 }
 
-/// A `--relay` value, checked: `HOST:PORT` with HOST an IPv4 address, an IPv6
-/// address in brackets or a DNS name (resolved at each connection), and PORT 1
-/// to 65535. Anything else is a usage error naming the value.
+/// A `--relay` value, checked (`parse_host_port`).
 pub fn parse_relay(value: &str) -> Result<String> {
+    parse_host_port("--relay", value)
+}
+
+/// A `flag` value (`--relay`, `--to`), checked: `HOST:PORT` with HOST an IPv4
+/// address, an IPv6 address in brackets or a DNS name (resolved at each
+/// connection), and PORT 1 to 65535. Anything else is a usage error naming
+/// the flag and the value.
+pub fn parse_host_port(flag: &str, value: &str) -> Result<String> {
     let bad = |why: &str| {
         Error::Usage(format!(
-            "bad --relay {value:?}: {why} (expected HOST:PORT, e.g. 192.0.2.7:443 or [2001:db8::7]:443)"
+            "bad {flag} {value:?}: {why} (expected HOST:PORT, e.g. 192.0.2.7:443 or [2001:db8::7]:443)"
         ))
     };
     let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("no port"))?;

@@ -146,14 +146,15 @@ fn ca_params(config: &Config, key: &rcgen::KeyPair) -> Result<rcgen::Certificate
     Ok(params)
 }
 
-/// Sets `not_before` (a day ago), `not_after` (`days` from now) and a random
-/// serial number.
+/// Sets `not_before` (a day ago), `not_after` (`days` after that: Apple
+/// counts a leaf's days from `not_before`) and a random serial number.
 fn validity(params: &mut rcgen::CertificateParams, days: i64) -> Result<()> {
     let today = i64::try_from(unix_time() / 86_400)
         .map_err(|_| Error::Tls("the system clock is out of range".into()))?;
-    let (y, m, d) = date(today - BACKDATE_DAYS)?;
+    let from = today - BACKDATE_DAYS;
+    let (y, m, d) = date(from)?;
     params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = date(today + days)?;
+    let (y, m, d) = date(from + days)?;
     params.not_after = rcgen::date_time_ymd(y, m, d);
     let mut serial = [0u8; SERIAL_BYTES];
     random_bytes(&mut serial)?;
@@ -585,6 +586,14 @@ mod tests {
     use crate::tls::{client_config, server_config};
     use rcgen::{CidrSubnet, GeneralSubtree};
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_leaf_is_valid_825_days_from_its_not_before() {
+        let mut params = rcgen::CertificateParams::default();
+        validity(&mut params, LEAF_DAYS).unwrap();
+        assert_eq!((params.not_after - params.not_before).whole_days(), 825);
+        assert!(params.not_before < rcgen::date_time_ymd(2100, 1, 1));
+    }
 
     /// A config whose files are all in `dir`, plus `extra` lines.
     fn config_in(dir: &Path, extra: &str) -> Config {

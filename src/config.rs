@@ -243,7 +243,10 @@ impl Config {
         let seconds = |key: &str, value: Option<f64>, default: f64| -> Result<Duration> {
             let v = value.unwrap_or(default);
             if !(v > 0.0 && v <= 86_400.0) {
-                return Err(bad(key, format!("{v} is not between 0 and 86400 seconds")));
+                return Err(bad(
+                    key,
+                    format!("{v} seconds: must be more than 0 and at most 86400"),
+                ));
             }
             Ok(Duration::from_secs_f64(v))
         };
@@ -519,9 +522,10 @@ fn toml_reason(text: &str, e: &toml::de::Error) -> String {
         .map_or(0, |i| i + 1);
     let line_no = text[..start].matches('\n').count() + 1;
     let line = text[start..].lines().next().unwrap_or("");
-    match line.split_once('=') {
-        Some((key, _)) if !e.message().contains('`') => {
-            format!("line {line_no}, key `{}`: {}", key.trim(), e.message())
+    // The key, unless the message names it already ("unknown field `x`").
+    match line.split_once('=').map(|(key, _)| key.trim()) {
+        Some(key) if !key.is_empty() && !e.message().contains(&format!("`{key}`")) => {
+            format!("line {line_no}, key `{key}`: {}", e.message())
         }
         _ => format!("line {line_no}: {}", e.message()),
     }
@@ -601,6 +605,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.toml") && e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        for (text, key) in [
+            ("tls = 1", "tls"),
+            ("port = 70000", "port"),
+            ("pair_wait = true", "pair_wait"),
+            ("public_host = 5", "public_host"),
+            ("max_connections = 1.5", "max_connections"),
+        ] {
+            let e = Config::from_toml(text, "x.toml").unwrap_err().to_string();
+            assert!(
+                e.contains("x.toml") && e.contains(&format!("key `{key}`")),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

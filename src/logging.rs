@@ -44,13 +44,17 @@ pub fn init(log_file: Option<&Path>) -> Result<()> {
 /// Re-opens the log file (what SIGHUP does, after logrotate moved it). A failure
 /// is logged and the old handle kept, so no line is lost for want of a file.
 pub fn reopen() {
-    if let Some((path, file)) = LOG_FILE.get() {
-        match open(path) {
-            Ok(new) => *lock(file) = new,
-            Err(e) => log::error!("log file not reopened: {e}"),
+    let Some((path, file)) = LOG_FILE.get() else {
+        log::info!("SIGHUP: no log file to reopen (log_file unset)");
+        return;
+    };
+    match open(path) {
+        Ok(new) => {
+            *lock(file) = new;
+            log::info!("SIGHUP: log file reopened");
         }
+        Err(e) => log::error!("log file not reopened: {e}"),
     }
-    log::info!("SIGHUP: log file reopened");
 }
 
 /// A request target as logged: the path, and "?…" in place of a query, which

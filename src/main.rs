@@ -490,7 +490,7 @@ fn expose(a: Expose) -> Result<()> {
         taas::agent::ExposeConfig {
             label,
             relays,
-            to: a.to,
+            to: taas::agent::parse_host_port("--to", &a.to)?,
             pool: a.pool,
             eager: a.eager,
             tls: tls.clone(),

@@ -187,7 +187,8 @@ impl Provision {
         let js_path = dir.join(format!("{}.js", self.id()));
         write_private(&json_path, format!("{json}\n").as_bytes(), 0o600)?;
         // Both or neither: the caller rolls the account back on an error, so no
-        // file with its secret may stay behind.
+        // file with its secret may stay behind. What was not written (a planted
+        // link, a file that could not be replaced) is left as it was.
         write_private(
             &js_path,
             format!("exports.params = {json};\n").as_bytes(),
@@ -195,7 +196,6 @@ impl Provision {
         )
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&json_path);
-            let _ = std::fs::remove_file(&js_path);
         })?;
         Ok((json_path, js_path))
     }
@@ -214,9 +214,9 @@ pub fn write_label_cert(dir: &Path, id: &str, issued: &Issued) -> Result<(PathBu
     create_private_dir(dir)?;
     let (crt, key) = label_cert_paths(dir, id);
     write_private(&key, issued.key_pem.as_bytes(), 0o600)?;
+    // Only what was written goes again on a failure.
     write_private(&crt, issued.cert_pem.as_bytes(), 0o600).inspect_err(|_| {
         let _ = std::fs::remove_file(&key);
-        let _ = std::fs::remove_file(&crt);
     })?;
     Ok((crt, key))
 }

@@ -542,6 +542,25 @@ fn users_add_refuses_planted_symlinks_and_foreign_directories() {
     let (ok, list, _) = taas(d, &["users", "list"]);
     assert!(ok);
     assert!(!list.contains(id), "the account was rolled back: {list}");
+    // A link at the second file (ID.js): refused too; the first file, written,
+    // goes again with the account, and the link it did not write stays.
+    std::fs::remove_file(out.join(format!("{id}.json"))).unwrap();
+    let js = out.join(format!("{id}.js"));
+    std::os::unix::fs::symlink(&target, &js).unwrap();
+    let (ok, _, err) = taas(d, &["users", "add", "demo", "--id", id, "--out", "prov"]);
+    assert!(!ok, "wrote through a symlink");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    assert!(
+        !out.join(format!("{id}.json")).exists(),
+        "no secret left behind"
+    );
+    assert!(
+        js.symlink_metadata().unwrap().file_type().is_symlink(),
+        "the link is left as it was"
+    );
+    let (ok, list, _) = taas(d, &["users", "list"]);
+    assert!(ok && !list.contains(id), "rolled back: {list}");
 
     use std::os::unix::fs::MetadataExt;
     if std::fs::metadata("/proc/self").unwrap().uid() != 0 {

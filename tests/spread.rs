@@ -389,4 +389,17 @@ fn a_bad_relay_or_a_name_that_does_not_resolve_is_an_error_naming_it() {
         err.contains("taas: cannot resolve relay.invalid"),
         "unresolvable server.hostname: {err}"
     );
+    // A local service without its port is refused the same way, by name.
+    for bad in ["nothost", "127.0.0.1", "[::1]", "app:http"] {
+        let (ok, _, err) = taas(
+            dir.path(),
+            &["expose", json, "--to", bad, "--relay", "127.0.0.3:8443"],
+        );
+        assert!(!ok, "--to {bad} accepted");
+        assert!(
+            err.starts_with("taas: bad --to ") && err.contains(&format!("{bad:?}")),
+            "--to {bad}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
 }
