@@ -81,6 +81,11 @@ fn main() -> Res<()> {
             }
             return Ok(());
         }
+        Some("sustained") => {
+            let relay = Relay::start(&bin, true)?;
+            println!("sustained {:.1}", relay.sustained_with_agent(&bin)?);
+            return Ok(());
+        }
         Some("setup") => {
             let relay = Relay::start(&bin, true)?;
             let s = relay.connect_to_byte(&bin)?;
