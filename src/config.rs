@@ -438,9 +438,9 @@ impl Config {
     }
 
     /// The `Location` of a draining node's 307 for a registration to another
-    /// node's registrar: `NODE.registrar_name` (one DNS record per node; each
-    /// node's registrar certificate names it) at that node's well-known
-    /// `port`, followed by `target`.
+    /// node's registrar: `NODE.registrar_name` (one DNS record per node; the
+    /// registrar certificate all nodes share names `*.registrar_name`) at that
+    /// node's well-known `port`, followed by `target`.
     pub fn registrar_url(&self, node: &str, port: u16, target: &str) -> String {
         format!(
             "{}://{node}.{}:{port}{target}",
