@@ -71,8 +71,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WAIT_TICK: Duration = Duration::from_secs(1);
 /// A failing run is summed up this often.
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
-/// Longest wait, once a mobile client's first octets have arrived, before the
-/// slot registers again: until the local service's first answer is on its way
+/// Longest wait (then `REFILL_PAUSE`), once a mobile client's first octets have
+/// arrived, before the slot registers again: until the local service's first answer is on its way
 /// back, so that the registration's TLS handshake (CPU on both sides) does not
 /// compete with it (`make bench`: connect → first byte, via taas expose).
 pub const REFILL_DELAY: Duration = Duration::from_millis(20);
@@ -642,7 +642,8 @@ enum Waited {
 /// Waits on one responder connection until the mobile side speaks, then pipes
 /// it to the local service: here, connecting at once (no thread start on the
 /// way), with a new thread taking the slot over when the first answer has been
-/// passed back or `REFILL_DELAY` has gone by; with `eager` or `tls`, in a pipe
+/// passed back or `REFILL_DELAY` has gone by, and `REFILL_PAUSE` more; with
+/// `eager` or `tls`, in a pipe
 /// thread.
 fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
     let (n, cfg, stop) = (&*s.tag, &*s.cfg, &*s.stop);
@@ -700,7 +701,7 @@ fn serve_one(s: &Slot, relayed: TcpStream) -> Waited {
 
 /// Pipes a relayed connection whose mobile client spoke to the local service,
 /// in this thread, and hands the slot to a new thread once the first answer
-/// has been passed back (or after `REFILL_DELAY`).
+/// has been passed back (or after `REFILL_DELAY`), and `REFILL_PAUSE` more.
 fn pipe_here(s: &Slot, relayed: TcpStream, peer: &str) -> Waited {
     let (n, to) = (&*s.tag, &s.cfg.to);
     let local = match connect_to(to, "connect to local service") {

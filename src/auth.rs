@@ -4,7 +4,8 @@
 //! Invariants: the throttle is checked before any secret is touched; a success never
 //! refills a budget; a stranger's failures never hold back a source the ID trusts;
 //! the replay and trust tables only grow with successes, the throttle table is
-//! capped at `MAX_TRACKED` and fails closed when full; no token reaches a log line.
+//! capped at `MAX_TRACKED` (plus one key per trusted source and ID) and fails
+//! closed for strangers when full; no token reaches a log line.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -379,7 +380,10 @@ impl Guard {
         self.prune(&mut buckets, now, PRUNE_PER_FAILURE);
         for key in keys {
             if !buckets.map.contains_key(key) {
-                if buckets.map.len() >= MAX_TRACKED {
+                // Past the cap only a trusted source's own key goes in (at most
+                // MAX_TRUSTED of them): `local_check` lets that source through a
+                // full table, so its failures must still be counted.
+                if buckets.map.len() >= MAX_TRACKED && !matches!(key, Key::Trusted(..)) {
                     continue; // check() refuses this key from now on.
                 }
                 buckets.map.insert(
@@ -585,6 +589,13 @@ mod tests {
             "the trusted source is not"
         );
         assert!(slow.local_check(&tracked, true).is_err());
+        // …and its failures still count at a full table: its budget of two ends.
+        slow.local_fail(&own);
+        slow.local_fail(&own);
+        assert!(
+            slow.local_check(&own, true).is_err(),
+            "no unlimited guesses"
+        );
         // Buckets that refilled are forgotten, and the newcomer is tracked again.
         let quick = Guard::new(1, Duration::from_millis(1), None);
         fill(&quick);

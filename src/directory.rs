@@ -40,7 +40,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::limits::source;
 use crate::redis_link::RedisLink;
 use crate::sys::{lock, now_millis, random_bytes};
 
@@ -475,11 +474,12 @@ impl Directory {
         format!("taas:{{{label}}}:nodes")
     }
 
-    /// The key of the paths 307s gave `mobile` for `label`: by its address's
-    /// source (`limits::source`: an IPv6 address by its /64, as every other
-    /// per-address table counts it), so one /64 cannot make keys without end.
+    /// The key of the paths 307s gave `mobile` for `label`: by its whole
+    /// address, as the pairing node matches it (two phones in one /64 are two
+    /// mobiles). Bounded: `MAX_PATHS` a key, each cut to `pool::MAX_KEPT_PATH`
+    /// by the caller, for `PATH_TTL`.
     fn path_key(label: &str, mobile: IpAddr) -> String {
-        format!("taas:{{{label}}}:path:{}", source(mobile))
+        format!("taas:{{{label}}}:path:{mobile}")
     }
 
     fn pairings_key(label: &str) -> String {
@@ -912,15 +912,15 @@ impl Directory {
             .collect()
     }
 
-    /// Another live node and its registrar's port, chosen at random among
-    /// those whose record said the port: where a draining node sends a
-    /// registration.
+    /// Another node and its registrar's port, chosen at random among those
+    /// whose record said the port: where a draining node sends a
+    /// registration. The peers as last known: a withdrawn node reads no more
+    /// heartbeats, and its drain may outlast their TTL (every heartbeat before
+    /// that rebuilt the list from the live nodes' records).
     pub fn registrar_elsewhere(&self) -> Option<(String, u16)> {
-        let now = Instant::now();
         let live: Vec<(String, u16)> = lock(&self.cache)
             .peers
             .iter()
-            .filter(|(_, p)| p.until > now)
             .filter_map(|(node, p)| Some((node.clone(), p.registrar?)))
             .collect();
         let mut pick = [0u8; 4];

@@ -146,8 +146,9 @@ fn a_killed_node_is_forgotten_and_its_labels_live_on_at_the_others() {
 
 #[test]
 fn a_graceful_stop_withdraws_at_once_and_sends_registrations_to_another_node_while_it_drains() {
-    // Drains for pair_wait (5 s): the window the checks below run in.
-    let drain = "pair_wait = 5\nshutdown_grace = 10";
+    // Drains for pair_wait (longer than a TTL): the window the checks below
+    // run in.
+    let drain = "pair_wait = 16\nshutdown_grace = 20";
     let mut c = Cluster::start(&["a", "b"], drain);
     let _r = c.responder("a");
     assert!(wait_until(one_beat(), || c
@@ -155,6 +156,7 @@ fn a_graceful_stop_withdraws_at_once_and_sends_registrations_to_another_node_whi
         .counter("directory_size")
         >= 1));
     c.node("a").signal("TERM");
+    let termed = Instant::now();
     // Withdrawn, not left to expire: gone from b within a heartbeat; while
     // its ports drain, a answers /ready and registrations 503.
     assert!(wait_until(one_beat(), || c
@@ -207,7 +209,19 @@ fn a_graceful_stop_withdraws_at_once_and_sends_registrations_to_another_node_whi
     assert_eq!(last, format!("200 {to_b}"));
     let plug: std::net::SocketAddr = plug.parse().unwrap();
     assert_eq!(plug.ip(), b.ip, "the plug is b's");
-    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
+    // Past the peers' TTL (a withdrawn node hears no heartbeats; its last
+    // read of them is at most a heartbeat after SIGTERM) it still sends
+    // registrations to b, not 503.
+    let past_ttl = TTL + HEARTBEAT * 2 + Duration::from_secs(1);
+    while termed.elapsed() < past_ttl {
+        let r = c.register("a", &c.token(), None);
+        assert_eq!(r.status, 307, "{:?} after SIGTERM: {r:?}", termed.elapsed());
+        // The poll's interval (the loop ends at `past_ttl`).
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(c.register("a", &c.token(), None).status, 307);
+    // The drain (16 s) and the grace, bounded.
+    assert!(c.node_mut("a").terminate(Duration::from_secs(40)));
     // With no other node live, a draining node answers 503.
     let mut c = Cluster::start(&["a"], drain);
     c.node("a").signal("TERM");
@@ -217,7 +231,7 @@ fn a_graceful_stop_withdraws_at_once_and_sends_registrations_to_another_node_whi
             .is_some_and(|(s, _)| s == 503)
     }));
     assert_eq!(c.register("a", &c.token(), None).status, 503);
-    assert!(c.node_mut("a").terminate(Duration::from_secs(15)));
+    assert!(c.node_mut("a").terminate(Duration::from_secs(40)));
 }
 
 #[test]
