@@ -923,9 +923,7 @@ impl Directory {
             .iter()
             .filter_map(|(node, p)| Some((node.clone(), p.registrar?)))
             .collect();
-        let mut pick = [0u8; 4];
-        random_bytes(&mut pick).ok()?;
-        let i = u32::from_le_bytes(pick) as usize % live.len().max(1);
+        let i = random_below(live.len() as u64) as usize;
         live.into_iter().nth(i)
     }
 
@@ -1189,6 +1187,16 @@ fn valid_peer(node: &str, host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
 }
 
+/// A number below `n` at random (0 when `n` is 0, or when the system gives
+/// no random bytes: then the first of a list is taken).
+fn random_below(n: u64) -> u64 {
+    let mut r = [0u8; 8];
+    match random_bytes(&mut r) {
+        Ok(()) if n > 0 => u64::from_le_bytes(r) % n,
+        _ => 0,
+    }
+}
+
 /// One of `candidates` at random, weighted by responders waiting.
 fn weighted(candidates: Vec<Remote>) -> Option<Remote> {
     let total = candidates
@@ -1197,11 +1205,7 @@ fn weighted(candidates: Vec<Remote>) -> Option<Remote> {
     if total == 0 {
         return None;
     }
-    let mut r = [0u8; 8];
-    if random_bytes(&mut r).is_err() {
-        return candidates.into_iter().next();
-    }
-    let mut pick = u64::from_le_bytes(r) % total;
+    let mut pick = random_below(total);
     for c in candidates {
         let w = c.offer.waiting as u64;
         if pick < w {

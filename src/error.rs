@@ -387,7 +387,11 @@ impl fmt::Display for Error {
             Error::MisdirectedHost(host) => write!(f, "host {host:?} is not served here"),
             Error::NoResponder(label) => write!(f, "no responder waiting for {label}"),
             Error::NoFreePort => write!(f, "no free port in port_range"),
-            Error::Redirect(to) => write!(f, "redirected to {to}"),
+            // The request target is in it: its query is never logged.
+            Error::Redirect(to) => match to.split_once('?') {
+                Some((url, _)) => write!(f, "redirected to {url} (query not logged)"),
+                None => write!(f, "redirected to {to}"),
+            },
             Error::Timeout(phase) => write!(f, "{phase} timed out"),
             Error::Limit(which) => write!(f, "limit reached: {which}"),
             Error::BadAnswer(why) => write!(f, "malformed HTTP answer: {why}"),
@@ -462,6 +466,15 @@ mod tests {
         assert_eq!(Error::StoreUnavailable("x".into()).status(), 503);
         assert_eq!(Error::MethodNotAllowed("PUT").status(), 405);
         assert_eq!(Error::Redirect("https://x/".into()).status(), 307);
+    }
+
+    #[test]
+    fn a_redirect_as_logged_leaves_the_query_out() {
+        let e = Error::Redirect("https://r.example/register/cam?code=secret".into());
+        assert_eq!(
+            e.to_string(),
+            "redirected to https://r.example/register/cam (query not logged)"
+        );
     }
 
     #[test]

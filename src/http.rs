@@ -363,14 +363,7 @@ impl Response {
         if let Some(secs) = e.retry_after() {
             r.headers.push(("Retry-After", secs.to_string()));
         }
-        r.note = match e {
-            // The request target is in it: its query is never logged.
-            Error::Redirect(to) => match to.split_once('?') {
-                Some((url, _)) => format!("redirected to {url}?…"),
-                None => format!("redirected to {to}"),
-            },
-            _ => e.to_string(),
-        };
+        r.note = e.to_string();
         r
     }
 
@@ -812,6 +805,18 @@ mod tests {
         let h = read_head(&mut posted, 8192).unwrap();
         assert_eq!(h.field("x-taas-token"), Some("t"));
         assert_eq!(h.rest, b"{\"a\":1}");
+    }
+
+    #[test]
+    fn a_redirect_keeps_its_query_in_the_location_not_in_the_note() {
+        let e = Error::Redirect("https://r.example/register/cam?code=secret".into());
+        let r = Response::from_error(&e);
+        assert!(!r.note.contains("secret"), "{}", r.note);
+        let location = r.headers.iter().find(|(k, _)| *k == "Location");
+        assert_eq!(
+            location.map(|(_, v)| v.as_str()),
+            Some("https://r.example/register/cam?code=secret")
+        );
     }
 
     #[test]

@@ -60,10 +60,11 @@ impl Responder {
     }
 }
 
-/// The state of each of `responders`, in one poll for all.
-fn states_of(responders: &[Responder]) -> Vec<PeerState> {
+/// Each of `responders` with its state, found in one poll for all.
+fn with_states(responders: Vec<Responder>) -> impl Iterator<Item = (Responder, PeerState)> {
     let streams: Vec<&TcpStream> = responders.iter().map(|r| &r.stream).collect();
-    peer_states(&streams)
+    let states = peer_states(&streams);
+    responders.into_iter().zip(states)
 }
 
 /// A label's open rendezvous port, as the label keeps it (`rendezvous` opens it
@@ -302,11 +303,7 @@ impl Label {
     pub fn take_speaking(&self) -> Option<Responder> {
         let _guard = lock(&self.push_lock);
         let mut found = None;
-        let all: Vec<Responder> = self.rx.try_iter().collect();
-        let states = states_of(&all);
-        let rest: Vec<Responder> = all
-            .into_iter()
-            .zip(states)
+        let rest: Vec<Responder> = with_states(self.rx.try_iter().collect())
             .filter_map(|(r, state)| match state {
                 PeerState::Gone => None,
                 PeerState::Speaking if found.is_none() => {
@@ -333,11 +330,7 @@ impl Label {
     pub fn prune(&self) -> usize {
         let _guard = lock(&self.push_lock);
         let before = self.rx.len();
-        let all: Vec<Responder> = self.rx.try_iter().collect();
-        let states = states_of(&all);
-        let live: Vec<Responder> = all
-            .into_iter()
-            .zip(states)
+        let live: Vec<Responder> = with_states(self.rx.try_iter().collect())
             .filter_map(|(r, state)| (state != PeerState::Gone).then_some(r))
             .collect();
         let n = live.len();
@@ -474,6 +467,7 @@ pub fn ip_port(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     #[test]
     fn a_kept_path_is_cut_at_a_character_boundary() {
@@ -483,7 +477,6 @@ mod tests {
         assert!(kept.len() <= MAX_KEPT_PATH && kept.len() >= MAX_KEPT_PATH - 1);
         assert!(long.starts_with(kept));
     }
-    use std::net::TcpListener;
 
     fn pair(l: &TcpListener) -> (TcpStream, Responder) {
         let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
